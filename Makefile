@@ -1,0 +1,36 @@
+# make test: fast CPU test suite; make lint: ruff; make bench: the attention benchmark.
+# The virtual environment is made on first use and refreshed when the dependency files change.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-slow lint format bench bench-quick clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) experiments/attention_scaling.py
+
+bench-quick: $(STAMP)
+	$(PY) experiments/attention_scaling.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

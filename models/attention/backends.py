@@ -1,0 +1,252 @@
+"""Attention kernels that return the log-sum-exp, and backwards that accept a foreign one.
+
+Dilated attention mixes several attention patterns by their softmax denominators. That needs,
+from each kernel call, the output *and* the per-query log-sum-exp (LSE), and in the backward
+pass it needs to run a kernel's backward with the *mixed* output and *mixed* LSE in place of
+the ones the kernel produced (the ring-attention trick). Public attention functions offer
+neither, so this layer wraps the private kernel entry points of each library behind one
+interface:
+
+    out, lse = attention_forward(q, k, v, causal, scale, key_mask, backend)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal, scale, key_mask, backend)
+
+Layouts: ``q, k, v, out, dout``: ``(G, M, H, D)`` (flash-attn's layout; G folds batch and
+segments); ``lse``: ``(G, M, H)`` float32 (float64 for float64 inputs). ``key_mask``:
+optional bool ``(G, M, H)``, False for keys that must not be attended (padding); it is only
+needed without ``causal`` because padding always sits at the end of a sequence.
+
+Backends:
+- ``"torch"``: PyTorch's fused kernels. On CPU ``_scaled_dot_product_flash_attention_for_cpu``
+  (any float dtype); on CUDA the memory-efficient kernel (fp32, fp16, bf16).
+- ``"flash"``: flash-attn 2 (CUDA, fp16/bf16), when importable.
+- ``"math"``: plain matmuls; materialises ``M x M`` scores per (segment, head). Slow, exact,
+  runs anywhere: the fallback, and a second opinion in tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+BACKENDS = ("auto", "torch", "flash", "math")
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, q: torch.Tensor) -> str:
+    """Picks the kernel for ``q``: flash-attn on CUDA with fp16/bf16 when importable, torch
+    otherwise. A forced name is checked against what the tensor allows."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not one of {BACKENDS}")
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if name == "auto":
+        if q.is_cuda and half and flash_attn_available():
+            return "flash"
+        return "torch" if q.device.type in ("cpu", "cuda") else "math"
+    if name == "flash" and not (q.is_cuda and half and flash_attn_available()):
+        raise ValueError(
+            "backend='flash' needs flash-attn installed, a CUDA tensor and fp16/bf16; got "
+            f"device={q.device}, dtype={q.dtype}, flash-attn importable={flash_attn_available()}"
+        )
+    if name == "torch" and q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='torch' supports cpu and cuda tensors, got {q.device}")
+    return name
+
+
+def _bhmd(x: torch.Tensor) -> torch.Tensor:
+    # (G, M, H, D) -> (G, H, M, D) view: torch's kernels read this layout through strides.
+    return x.transpose(1, 2)
+
+
+def _additive_mask(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if key_mask is None:
+        return None
+    # (G, M, H) bool -> (G, H, 1, M) additive, broadcast over queries
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    bias.masked_fill_(~key_mask, float("-inf"))
+    return bias.permute(0, 2, 1).unsqueeze(2)
+
+
+def attention_forward(q, k, v, causal: bool, scale: float, key_mask=None, backend="torch"):
+    """Returns ``out (G, M, H, D)`` in q's dtype and ``lse (G, M, H)``."""
+    if backend == "math":
+        return _math_forward(q, k, v, causal, scale, key_mask)
+    if backend == "flash" and key_mask is None:
+        return _flash_forward(q, k, v, causal, scale)
+    mask = _additive_mask(key_mask, q.dtype)
+    if q.is_cuda:
+        return _cuda_efficient_forward(q, k, v, causal, scale, mask)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _bhmd(q), _bhmd(k), _bhmd(v), 0.0, causal, attn_mask=mask, scale=scale
+    )
+    return _bhmd(out), lse.transpose(1, 2)
+
+
+def attention_backward(
+    dout, q, k, v, out, lse, causal: bool, scale: float, key_mask=None, backend="torch"
+):
+    """Gradients of q, k, v for a softmax whose normaliser is ``lse`` and output ``out``
+    (which may come from a larger softmax that this call is only a part of)."""
+    if backend == "math":
+        return _math_backward(dout, q, k, v, out, lse, causal, scale, key_mask)
+    if backend == "flash" and key_mask is None:
+        return _flash_backward(dout, q, k, v, out, lse, causal, scale)
+    # flash-attn takes no mask: padded (non-causal) calls go to torch's kernel
+    mask = _additive_mask(key_mask, q.dtype)
+    if q.is_cuda:
+        return _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, mask)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _bhmd(dout),
+        _bhmd(q),
+        _bhmd(k),
+        _bhmd(v),
+        _bhmd(out),
+        lse.transpose(1, 2),
+        0.0,
+        causal,
+        attn_mask=mask,
+        scale=scale,
+    )
+    return tuple(_bhmd(g) for g in grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# math: explicit scores, in float32 at least
+
+
+def _scores(q, k, causal, scale, key_mask):
+    s = torch.einsum("gqhd,gkhd->ghqk", q, k).float() * scale  # (G, H, M, M)
+    m = q.shape[1]
+    if causal:
+        keep = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask.permute(0, 2, 1)[:, :, None, :], float("-inf"))
+    return s
+
+
+def _math_forward(q, k, v, causal, scale, key_mask):
+    s = _scores(q, k, causal, scale, key_mask)
+    lse = torch.logsumexp(s, dim=-1)  # (G, H, M)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("ghqk,gkhd->gqhd", p, v.float())
+    return out.to(q.dtype), lse.transpose(1, 2)
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale, key_mask):
+    s = _scores(q, k, causal, scale, key_mask)
+    p = torch.exp(s - lse.transpose(1, 2).float()[..., None]).nan_to_num(0.0)  # (G, H, M, M)
+    do = dout.float()
+    dv = torch.einsum("ghqk,gqhd->gkhd", p, do)
+    dp = torch.einsum("gqhd,gkhd->ghqk", do, v.float())
+    delta = (do * out.float()).sum(-1).transpose(1, 2)[..., None]  # (G, H, M, 1)
+    ds = p * (dp - delta) * scale
+    dq = torch.einsum("ghqk,gkhd->gqhd", ds, k.float())
+    dk = torch.einsum("ghqk,gqhd->gkhd", ds, q.float())
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: torch's memory-efficient kernel (takes fp32 too). Its LSE may be padded to 32 columns.
+
+
+def _cuda_efficient_forward(q, k, v, causal, scale, mask):
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        _bhmd(q), _bhmd(k), _bhmd(v), mask, True, 0.0, causal, scale=scale
+    )
+    return _bhmd(out), lse[..., : q.shape[1]].transpose(1, 2)
+
+
+def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, mask):
+    m = q.shape[1]
+    lse = lse.transpose(1, 2).float()  # (G, H, M)
+    pad = math.ceil(m / 32) * 32 - m
+    lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    needs_bias = mask is not None
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        _bhmd(dout),
+        _bhmd(q),
+        _bhmd(k),
+        _bhmd(v),
+        mask,
+        _bhmd(out),
+        lse,
+        zero,
+        zero,
+        0.0,
+        [True, True, True, needs_bias],
+        causal,
+        scale=scale,
+    )
+    return _bhmd(dq), _bhmd(dk), _bhmd(dv)
+
+
+# ----------------------------------------------------------------------------------------------
+# flash-attn 2: private entry points whose keyword names changed across releases; we pass only
+# the keywords the installed version declares.
+
+
+def _call_with_known_kwargs(fn, **kwargs):
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        kwargs["window_size"] = (kwargs.get("window_size_left"), kwargs.get("window_size_right"))
+    return fn(**{name: val for name, val in kwargs.items() if name in params})
+
+
+def _flash_forward(q, k, v, causal, scale):
+    from flash_attn.flash_attn_interface import _flash_attn_forward
+
+    res = _call_with_known_kwargs(
+        _flash_attn_forward,
+        q=q,
+        k=k,
+        v=v,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        window_size_left=-1,
+        window_size_right=-1,
+        softcap=0.0,
+        alibi_slopes=None,
+        return_softmax=False,
+    )
+    # 2.6+: (out, lse, S_dmask, rng_state); older: (out, q, k, v, out_padded, lse, S, rng)
+    out, lse = (res[0], res[1]) if len(res) == 4 else (res[0], res[5])
+    return out, lse.transpose(1, 2)  # lse (G, H, M) -> (G, M, H)
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    from flash_attn.flash_attn_interface import _flash_attn_backward
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _call_with_known_kwargs(
+        _flash_attn_backward,
+        dout=dout.contiguous(),
+        q=q,
+        k=k,
+        v=v,
+        out=out.contiguous(),
+        softmax_lse=lse.transpose(1, 2).float().contiguous(),
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        window_size_left=-1,
+        window_size_right=-1,
+        softcap=0.0,
+        alibi_slopes=None,
+        deterministic=False,
+        rng_state=None,
+    )
+    return dq, dk, dv
