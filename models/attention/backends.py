@@ -7,13 +7,12 @@ the ones the kernel produced (the ring-attention trick). Public attention functi
 neither, so this layer wraps the private kernel entry points of each library behind one
 interface:
 
-    out, lse = attention_forward(q, k, v, causal, scale, key_mask, backend)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal, scale, key_mask, backend)
+    out, lse = attention_forward(q, k, v, causal, scale, backend)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal, scale, backend)
 
 Layouts: ``q, k, v, out, dout``: ``(G, M, H, D)`` (flash-attn's layout; G folds batch and
-segments); ``lse``: ``(G, M, H)`` float32 (float64 for float64 inputs). ``key_mask``:
-optional bool ``(G, M, H)``, False for keys that must not be attended (padding); it is only
-needed without ``causal`` because padding always sits at the end of a sequence.
+segments), any strides with the last dimension contiguous; ``lse``: ``(G, M, H)``, float32
+(float64 for float64 inputs), any strides.
 
 Backends:
 - ``"torch"``: PyTorch's fused kernels. On CPU ``_scaled_dot_product_flash_attention_for_cpu``
@@ -66,54 +65,31 @@ def _bhmd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
-def _additive_mask(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    if key_mask is None:
-        return None
-    # (G, M, H) bool -> (G, H, 1, M) additive, broadcast over queries
-    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
-    bias.masked_fill_(~key_mask, float("-inf"))
-    return bias.permute(0, 2, 1).unsqueeze(2)
-
-
-def attention_forward(q, k, v, causal: bool, scale: float, key_mask=None, backend="torch"):
+def attention_forward(q, k, v, causal: bool, scale: float, backend: str = "torch"):
     """Returns ``out (G, M, H, D)`` in q's dtype and ``lse (G, M, H)``."""
     if backend == "math":
-        return _math_forward(q, k, v, causal, scale, key_mask)
-    if backend == "flash" and key_mask is None:
+        return _math_forward(q, k, v, causal, scale)
+    if backend == "flash":
         return _flash_forward(q, k, v, causal, scale)
-    mask = _additive_mask(key_mask, q.dtype)
     if q.is_cuda:
-        return _cuda_efficient_forward(q, k, v, causal, scale, mask)
+        return _cuda_efficient_forward(q, k, v, causal, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        _bhmd(q), _bhmd(k), _bhmd(v), 0.0, causal, attn_mask=mask, scale=scale
+        _bhmd(q), _bhmd(k), _bhmd(v), 0.0, causal, scale=scale
     )
     return _bhmd(out), lse.transpose(1, 2)
 
 
-def attention_backward(
-    dout, q, k, v, out, lse, causal: bool, scale: float, key_mask=None, backend="torch"
-):
+def attention_backward(dout, q, k, v, out, lse, causal: bool, scale: float, backend="torch"):
     """Gradients of q, k, v for a softmax whose normaliser is ``lse`` and output ``out``
     (which may come from a larger softmax that this call is only a part of)."""
     if backend == "math":
-        return _math_backward(dout, q, k, v, out, lse, causal, scale, key_mask)
-    if backend == "flash" and key_mask is None:
+        return _math_backward(dout, q, k, v, out, lse, causal, scale)
+    if backend == "flash":
         return _flash_backward(dout, q, k, v, out, lse, causal, scale)
-    # flash-attn takes no mask: padded (non-causal) calls go to torch's kernel
-    mask = _additive_mask(key_mask, q.dtype)
     if q.is_cuda:
-        return _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, mask)
+        return _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        _bhmd(dout),
-        _bhmd(q),
-        _bhmd(k),
-        _bhmd(v),
-        _bhmd(out),
-        lse.transpose(1, 2),
-        0.0,
-        causal,
-        attn_mask=mask,
-        scale=scale,
+        *(_bhmd(x) for x in (dout, q, k, v, out)), lse.transpose(1, 2), 0.0, causal, scale=scale
     )
     return tuple(_bhmd(g) for g in grads)
 
@@ -122,28 +98,25 @@ def attention_backward(
 # math: explicit scores, in float32 at least
 
 
-def _scores(q, k, causal, scale, key_mask):
+def _probs(q, k, lse, causal, scale):
     s = torch.einsum("gqhd,gkhd->ghqk", q, k).float() * scale  # (G, H, M, M)
-    m = q.shape[1]
     if causal:
+        m = q.shape[1]
         keep = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
-    if key_mask is not None:
-        s = s.masked_fill(~key_mask.permute(0, 2, 1)[:, :, None, :], float("-inf"))
-    return s
+    if lse is None:
+        lse = torch.logsumexp(s, dim=-1)  # (G, H, M)
+    return torch.exp(s - lse[..., None]), lse
 
 
-def _math_forward(q, k, v, causal, scale, key_mask):
-    s = _scores(q, k, causal, scale, key_mask)
-    lse = torch.logsumexp(s, dim=-1)  # (G, H, M)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+def _math_forward(q, k, v, causal, scale):
+    p, lse = _probs(q, k, None, causal, scale)
     out = torch.einsum("ghqk,gkhd->gqhd", p, v.float())
     return out.to(q.dtype), lse.transpose(1, 2)
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale, key_mask):
-    s = _scores(q, k, causal, scale, key_mask)
-    p = torch.exp(s - lse.transpose(1, 2).float()[..., None]).nan_to_num(0.0)  # (G, H, M, M)
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    p, _ = _probs(q, k, lse.transpose(1, 2).float(), causal, scale)
     do = dout.float()
     dv = torch.einsum("ghqk,gqhd->gkhd", p, do)
     dp = torch.einsum("gqhd,gkhd->ghqk", do, v.float())
@@ -158,32 +131,31 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale, key_mask):
 # CUDA: torch's memory-efficient kernel (takes fp32 too). Its LSE may be padded to 32 columns.
 
 
-def _cuda_efficient_forward(q, k, v, causal, scale, mask):
+def _cuda_efficient_forward(q, k, v, causal, scale):
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-        _bhmd(q), _bhmd(k), _bhmd(v), mask, True, 0.0, causal, scale=scale
+        _bhmd(q), _bhmd(k), _bhmd(v), None, True, 0.0, causal, scale=scale
     )
     return _bhmd(out), lse[..., : q.shape[1]].transpose(1, 2)
 
 
-def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, mask):
+def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
     m = q.shape[1]
     lse = lse.transpose(1, 2).float()  # (G, H, M)
     pad = math.ceil(m / 32) * 32 - m
     lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
-    needs_bias = mask is not None
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         _bhmd(dout),
         _bhmd(q),
         _bhmd(k),
         _bhmd(v),
-        mask,
+        None,
         _bhmd(out),
         lse,
         zero,
         zero,
         0.0,
-        [True, True, True, needs_bias],
+        [True, True, True, False],
         causal,
         scale=scale,
     )

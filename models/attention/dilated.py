@@ -7,13 +7,14 @@ is one segment). Head ``h`` keeps the positions whose offset inside their segmen
 the pairs that keep a query are mixed with weights proportional to their softmax denominators,
 which is one softmax over the multiset union of the keys they attend (paper eq. 10).
 
-How it is computed. For each pair the kept rows of every segment are gathered into a dense
-``(G, M, H, D)`` block (G = batch x segments, M = ceil(w / r)) and handed to a fused attention
-kernel (``backends.py``) that also returns the log-sum-exp (LSE). Pairs are mixed online into
-one float32 accumulator, so memory stays O(N) whatever the number of pairs. A schedule whose
-``w`` is not a multiple of ``r``, or an N that is not a multiple of ``w``, leaves a ragged tail
-in a block: those rows are padding, always at the end of a block (so causal attention never
-sees them) and masked as keys otherwise.
+How it is computed. Within a pair, the heads that share an offset ``c = h mod r`` keep the
+same positions ``s*w + c + j*r``, so for each offset the kept rows of all segments form one dense
+block that is a *strided view* of the input: ``(G, M, A, D)`` with G = batch x segments,
+M = ceil((w - c) / r) rows and A heads. Each block goes straight to a fused attention kernel
+(``backends.py``) that also returns the log-sum-exp (LSE); nothing is gathered, padded or
+masked, and a segment length that ``r`` does not divide, or a last segment that is shorter,
+just gives blocks with fewer rows. Pairs are mixed online into one float32 accumulator, in
+place through the same views, so memory stays O(N) whatever the number of pairs.
 
 Gradients are exact, through the mixing weights too. A kernel's LSE carries no gradient, so
 the backward is written by hand: each pair's kernel backward is run with the *mixed* output and
@@ -22,15 +23,15 @@ gradient of the mixture (the same identity ring attention relies on). Computing 
 weights from a detached LSE instead, as the official implementation does, gives gradients that
 are off by tens of percent (``tests/test_dilated_attention.py`` measures it).
 
-Work is done in chunks of whole segments to bound temporary memory (a 1M-token forward fits in
-a few GiB beyond q, k, v and the output). Pairs with ``r = 1`` and ``N`` a multiple of ``w``
-need no gather at all: their blocks are views of the inputs.
+Blocks are cut into chunks of whole segments (``CHUNK_ROWS``) to bound the kernel's temporary
+memory, so a 1M-token forward needs little beyond q, k, v and the output.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -122,48 +123,83 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# geometry of one pair
+# geometry: every pair is a set of dense, strided blocks of the inputs
 
 
-class _Pair:
-    """Where pair ``(w, r)`` puts each (segment, head) of a ``(B, N, H)`` input."""
+@dataclass(frozen=True)
+class _Block:
+    """One kernel call: heads ``c, c+r, ...`` (A of them), rows ``pos, pos+r, ...`` (M of them)
+    of G groups, where group g starts ``g * group_step`` positions (or batch rows) further on.
 
-    def __init__(self, w: int, r: int, batch: int, n: int, n_head: int, device: torch.device):
-        self.w = min(w, n)  # w >= N: one segment holding the whole sequence
-        self.r, self.n, self.n_head, self.device = r, n, n_head, device
-        self.spare = batch * n * n_head  # index of the accumulators' spare row
-        self.n_seg = -(-n // self.w)
-        self.m = -(-self.w // r)  # rows per (segment, head) block, padding included
-        self.groups = batch * self.n_seg  # G: batch x segments
-        self.is_view = r == 1 and n % self.w == 0  # blocks are plain views, nothing to gather
-        self.chunk = max(1, CHUNK_ROWS // (self.m * n_head))
+    Head h keeps offset ``h mod r``, so the heads of one offset ``c`` select the same positions
+    and form one dense block: a strided view of the input, no gather and no padding.
+    """
 
-    def chunks(self):
-        for g0 in range(0, self.groups, self.chunk):
-            yield g0, min(self.groups, g0 + self.chunk)
+    batch: int  # first batch row
+    pos: int  # first position (segment start + c)
+    groups: int  # G
+    group_step: int  # positions between groups; 0 means groups are batch rows
+    head: int  # c
+    heads: int  # A
+    rows: int  # M
+    step: int  # r, between rows and between heads
 
-    def index(self, g0: int, g1: int):
-        """For groups [g0, g1): ``row`` (G, M, H), the row of ``x.reshape(B*N, H, D)`` each
-        block entry reads (padding clamped to a real row); ``flat`` (G*M*H,), its index into
-        the ``(B*N*H + 1, ...)`` accumulators (padding -> the spare last row); ``valid``."""
-        dev, h = self.device, torch.arange(self.n_head, device=self.device)
-        g = torch.arange(g0, g1, device=dev)[:, None, None]
-        b, s = g // self.n_seg, g % self.n_seg
-        local = (h % self.r) + torch.arange(self.m, device=dev)[:, None] * self.r  # (M, H)
-        pos = s * self.w + local  # (G, M, H) position in the sequence
-        valid = (local < self.w) & (pos < self.n)
-        row = b * self.n + pos.clamp(max=self.n - 1)
-        flat = torch.where(valid, row * self.n_head + h, self.spare).reshape(-1)
-        return row, flat, valid
-
-    def view(self, x: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
-        # (B*N, H, ...) -> (B*n_seg, w, H, ...)[g0:g1]; only for is_view pairs
-        return x.view(self.groups, self.w, *x.shape[1:])[g0:g1]
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, H, ...) strided tensor -> (G, M, A, ...) view of this block."""
+        s_b, s_n, s_h, *rest = x.stride()
+        group = self.group_step * s_n if self.group_step else s_b
+        return x.as_strided(
+            (self.groups, self.rows, self.heads, *x.shape[3:]),
+            (group, self.step * s_n, self.step * s_h, *rest),
+            x.storage_offset() + self.batch * s_b + self.pos * s_n + self.head * s_h,
+        )
 
 
-def _gather(x_rows: torch.Tensor, row: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    # x_rows (B*N, H, D); row (G, M, H) -> (G, M, H, D), head h of entry read from head h
-    return x_rows[row, heads]
+def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[_Block]:
+    """The blocks of pair (w, r), chunked so that none holds more than CHUNK_ROWS rows."""
+    w = min(w, n)  # w >= N: one segment holding the whole sequence
+    n_full, tail = divmod(n, w)
+    out = []
+    for c in range(min(r, n_head)):
+        heads = len(range(c, n_head, r))
+        rows = -(-(w - c) // r)  # positions c, c+r, ... inside a full segment
+        if rows > 0 and tail == 0:  # the batch rows line up: fold them with the segments
+            out += _chunked(_Block(0, c, batch * n_full, w, c, heads, rows, r))
+        elif rows > 0:
+            out += [
+                blk for b in range(batch) for blk in _chunked(
+                    _Block(b, c, n_full, w, c, heads, rows, r))
+            ]  # fmt: skip
+        tail_rows = -(-(tail - c) // r)
+        if tail_rows > 0:  # the last, shorter segment of every batch row
+            out += _chunked(_Block(0, n_full * w + c, batch, 0, c, heads, tail_rows, r))
+    return out
+
+
+def _chunked(block: _Block) -> list[_Block]:
+    per = max(1, CHUNK_ROWS // (block.rows * block.heads))
+    if block.groups <= per:
+        return [block]
+    step = block.group_step
+    return [
+        replace(
+            block,
+            groups=min(per, block.groups - g0),
+            pos=block.pos + g0 * step if step else block.pos,
+            batch=block.batch if step else block.batch + g0,
+        )
+        for g0 in range(0, block.groups, per)
+    ]
+
+
+def _strided_ok(x: torch.Tensor) -> torch.Tensor:
+    """Blocks fold batch rows with segments, so batch rows must be N positions apart and the
+    head dimension contiguous; anything else (an expanded gradient, say) is copied once."""
+    B, N, H, D = x.shape
+    s_b, s_n, s_h, s_d = x.stride()
+    if s_d == 1 and s_h == D and s_n >= H * D and (B == 1 or s_b == N * s_n):
+        return x
+    return x.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,106 +210,68 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _new_acc(pairs: Schedule, shape, dtype, device, fill: float) -> torch.Tensor:
+    # a first pair with r = 1 writes every row, so its buffer needs no initialisation
+    if pairs[0][1] == 1:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
 def _forward(q, k, v, pairs: Schedule, causal: bool, scale: float, backend: str):
-    """Returns the mixed output ``o_acc (B*N*H + 1, D)`` and LSE ``l_acc (B*N*H + 1,)`` in the
-    accumulation dtype; the last row is a spare that padding rows are sent to."""
+    """Returns the mixed output ``o (B, N, H, D)`` and LSE ``lse (B, N, H)``, both in the
+    accumulation dtype (float32, or float64 for float64 inputs)."""
     B, N, H, D = q.shape
-    rows = B * N * H
     acc = _acc_dtype(q.dtype)
-    qr, kr, vr = (x.reshape(B * N, H, D) for x in (q, k, v))
-    o_acc = torch.zeros(rows + 1, D, dtype=acc, device=q.device)
-    l_acc = torch.full((rows + 1,), float("-inf"), dtype=acc, device=q.device)
-    heads = torch.arange(H, device=q.device)
+    o = _new_acc(pairs, (B, N, H, D), acc, q.device, 0.0)
+    lse = _new_acc(pairs, (B, N, H), acc, q.device, float("-inf"))
     for i, (w, r) in enumerate(pairs):
-        pair = _Pair(w, r, B, N, H, q.device)
-        for g0, g1 in pair.chunks():
-            if pair.is_view:
-                blocks = [pair.view(x, g0, g1) for x in (qr, kr, vr)]
-                out, lse = attention_forward(*blocks, causal, scale, None, backend)
-                o_v = pair.view(o_acc[:rows].view(B * N, H, D), g0, g1)
-                l_v = pair.view(l_acc[:rows].view(B * N, H), g0, g1)
-                _mix_inplace(o_v, l_v, out, lse, fresh=i == 0)
-                continue
-            row, flat, valid = pair.index(g0, g1)
-            key_mask = None if causal or bool(valid.all()) else valid
-            blocks = [_gather(x, row, heads) for x in (qr, kr, vr)]
-            out, lse = attention_forward(*blocks, causal, scale, key_mask, backend)
-            _mix_indexed(o_acc, l_acc, flat, out.reshape(-1, D), lse.reshape(-1), fresh=i == 0)
-    # the spare row must read as "no probability mass" in the backward: exp(s - inf) = 0
-    o_acc[rows] = 0.0
-    l_acc[rows] = float("inf")
-    return o_acc, l_acc
+        for blk in _blocks(w, r, B, N, H):
+            out, l_blk = attention_forward(blk.view(q), blk.view(k), blk.view(v), causal, scale,
+                                           backend)  # fmt: skip
+            _mix(blk.view(o), blk.view(lse), out, l_blk, fresh=i == 0)
+    return o, lse
 
 
-def _mix_inplace(o_v, l_v, out, lse, fresh: bool) -> None:
-    """Online softmax merge of one pair's (out, lse) into the accumulator views."""
+def _mix(o, lse, out, l_blk, fresh: bool) -> None:
+    """Online softmax merge of one block's (out, lse) into the accumulator views, in place."""
     if fresh:
-        o_v.copy_(out)
-        l_v.copy_(lse)
+        o.copy_(out)
+        lse.copy_(l_blk)
         return
-    new = torch.logaddexp(l_v, lse)
-    o_v.mul_(torch.exp(l_v - new).unsqueeze(-1))
-    o_v.add_(out * torch.exp(lse - new).unsqueeze(-1))
-    l_v.copy_(new)
+    new = torch.logaddexp(lse, l_blk)
+    o.mul_(torch.exp(lse - new).unsqueeze(-1))
+    o.addcmul_(out, torch.exp(l_blk - new).unsqueeze(-1))
+    lse.copy_(new)
 
 
-def _mix_indexed(o_acc, l_acc, flat, out, lse, fresh: bool) -> None:
-    if fresh:
-        o_acc.index_copy_(0, flat, out.to(o_acc.dtype))
-        l_acc.index_copy_(0, flat, lse.to(l_acc.dtype))
-        return
-    old = l_acc[flat]
-    new = torch.logaddexp(old, lse)
-    mixed = o_acc[flat] * torch.exp(old - new).unsqueeze(-1) + out * torch.exp(lse - new)[:, None]
-    o_acc.index_copy_(0, flat, mixed)
-    l_acc.index_copy_(0, flat, new)
-
-
-def _backward(dout, q, k, v, o_acc, l_acc, pairs: Schedule, causal, scale, backend):
+def _backward(dout, q, k, v, o, lse, pairs: Schedule, causal, scale, backend):
+    """Each block's kernel backward, run with the mixed output and mixed LSE."""
     B, N, H, D = q.shape
-    rows = B * N * H
-    acc = o_acc.dtype
-    qr, kr, vr, dor = (x.reshape(B * N, H, D) for x in (q, k, v, dout))
-    grads = [torch.zeros(rows + 1, D, dtype=acc, device=q.device) for _ in range(3)]
-    o_cast = o_acc.to(q.dtype)
-    heads = torch.arange(H, device=q.device)
+    grads = [_new_acc(pairs, (B, N, H, D), o.dtype, q.device, 0.0) for _ in range(3)]
+    o = o.to(q.dtype)
     for i, (w, r) in enumerate(pairs):
-        pair = _Pair(w, r, B, N, H, q.device)
-        for g0, g1 in pair.chunks():
-            if pair.is_view:
-                blocks = [pair.view(x, g0, g1) for x in (dor, qr, kr, vr)]
-                o_b = pair.view(o_cast[:rows].view(B * N, H, D), g0, g1)
-                l_b = pair.view(l_acc[:rows].view(B * N, H), g0, g1)
-                parts = attention_backward(*blocks, o_b, l_b, causal, scale, None, backend)
-                for grad, part in zip(grads, parts, strict=True):
-                    g_v = pair.view(grad[:rows].view(B * N, H, D), g0, g1)
-                    g_v.copy_(part) if i == 0 else g_v.add_(part)
-                continue
-            row, flat, valid = pair.index(g0, g1)
-            key_mask = None if causal or bool(valid.all()) else valid
-            blocks = [_gather(x, row, heads) for x in (dor, qr, kr, vr)]
-            shape = blocks[0].shape
-            o_b, l_b = o_cast[flat].view(shape), l_acc[flat].view(shape[:-1])
-            parts = attention_backward(*blocks, o_b, l_b, causal, scale, key_mask, backend)
+        for blk in _blocks(w, r, B, N, H):
+            views = [blk.view(x) for x in (dout, q, k, v, o)]
+            parts = attention_backward(*views, blk.view(lse), causal, scale, backend)
             for grad, part in zip(grads, parts, strict=True):
-                grad.index_add_(0, flat, part.reshape(-1, D).to(acc))
-    return [g[:rows].view(B, N, H, D).to(q.dtype) for g in grads]
+                g = blk.view(grad)
+                g.copy_(part) if i == 0 else g.add_(part)
+    return [g.to(q.dtype) for g in grads]
 
 
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pairs, causal, scale, backend):
-        o_acc, l_acc = _forward(q, k, v, pairs, causal, scale, backend)
-        ctx.save_for_backward(q, k, v, o_acc, l_acc)
+        o, lse = _forward(q, k, v, pairs, causal, scale, backend)
+        ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (pairs, causal, scale, backend)
-        B, N, H, D = q.shape
-        return o_acc[: B * N * H].view(B, N, H, D).to(q.dtype)
+        return o.to(q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, o_acc, l_acc = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, o_acc, l_acc, *ctx.args)
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(_strided_ok(dout), q, k, v, o, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None
 
 
@@ -305,10 +303,10 @@ def dilated_attention(
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     backend = resolve_backend(backend, q)
+    q, k, v = (_strided_ok(x) for x in (q, k, v))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _DilatedAttentionFn.apply(q, k, v, pairs, bool(causal), float(scale), backend)
-    o_acc, _ = _forward(q, k, v, pairs, bool(causal), float(scale), backend)
-    return o_acc[: B * N * H].view(B, N, H, D).to(q.dtype)
+    return _forward(q, k, v, pairs, bool(causal), float(scale), backend)[0].to(q.dtype)
 
 
 class DilatedAttention(nn.Module):
