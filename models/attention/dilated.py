@@ -128,21 +128,26 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class _Block:
-    """One kernel call: heads ``c, c+r, ...`` (A of them), rows ``pos, pos+r, ...`` (M of them)
-    of G groups, where group g starts ``g * group_step`` positions (or batch rows) further on.
+    """One kernel call: a dense ``(G, M, A)`` block of (group, row, head) that is a strided view
+    of the input. Row j of head i in group g sits at position
+    ``pos + g*group_step + j*step + i*head_pos`` and head ``head + i*head_step``.
 
-    Head h keeps offset ``h mod r``, so the heads of one offset ``c`` select the same positions
-    and form one dense block: a strided view of the input, no gather and no padding.
+    Head h keeps the positions ``c + j*r`` (c = h mod r) of each segment, so the heads of one
+    offset c form a block (``head_step = r, head_pos = 0``), and so do the heads ``a*r + c`` for
+    consecutive c (``head_step = 1, head_pos = 1``): whichever needs fewer kernel calls is used.
+    Nothing is gathered, padded or masked.
     """
 
     batch: int  # first batch row
-    pos: int  # first position (segment start + c)
+    pos: int  # position of row 0 of head 0 in group 0
     groups: int  # G
     group_step: int  # positions between groups; 0 means groups are batch rows
-    head: int  # c
+    head: int  # first head
     heads: int  # A
+    head_step: int
+    head_pos: int  # positions between heads
     rows: int  # M
-    step: int  # r, between rows and between heads
+    step: int  # r: positions between rows
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, H, ...) strided tensor -> (G, M, A, ...) view of this block."""
@@ -150,9 +155,25 @@ class _Block:
         group = self.group_step * s_n if self.group_step else s_b
         return x.as_strided(
             (self.groups, self.rows, self.heads, *x.shape[3:]),
-            (group, self.step * s_n, self.step * s_h, *rest),
+            (group, self.step * s_n, self.head_pos * s_n + self.head_step * s_h, *rest),
             x.storage_offset() + self.batch * s_b + self.pos * s_n + self.head * s_h,
         )
+
+
+def _head_groups(r: int, n_head: int, length: int):
+    """(first offset c, first head, heads, head_step, head_pos, rows) of the blocks that cover
+    a segment of ``length`` positions; rows = ceil((length - c) / r) must agree within one."""
+    n_a = -(-n_head // r)
+    if n_a >= min(r, n_head):  # one block per offset c: heads c, c+r, c+2r, ...
+        for c in range(min(r, n_head)):
+            yield c, c, len(range(c, n_head, r)), r, 0, -(-(length - c) // r)
+        return
+    split = length % r  # offsets below it have one row more
+    for a in range(n_a):  # one block per run of offsets with equal rows: heads a*r + c
+        c_end = min(r, n_head - a * r)
+        for lo, hi, rows in ((0, split, length // r + 1), (split, r, length // r)):
+            if min(hi, c_end) > lo:
+                yield lo, a * r + lo, min(hi, c_end) - lo, 1, 1, rows
 
 
 def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[_Block]:
@@ -160,19 +181,19 @@ def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[_Block]:
     w = min(w, n)  # w >= N: one segment holding the whole sequence
     n_full, tail = divmod(n, w)
     out = []
-    for c in range(min(r, n_head)):
-        heads = len(range(c, n_head, r))
-        rows = -(-(w - c) // r)  # positions c, c+r, ... inside a full segment
-        if rows > 0 and tail == 0:  # the batch rows line up: fold them with the segments
-            out += _chunked(_Block(0, c, batch * n_full, w, c, heads, rows, r))
-        elif rows > 0:
-            out += [
-                blk for b in range(batch) for blk in _chunked(
-                    _Block(b, c, n_full, w, c, heads, rows, r))
-            ]  # fmt: skip
-        tail_rows = -(-(tail - c) // r)
-        if tail_rows > 0:  # the last, shorter segment of every batch row
-            out += _chunked(_Block(0, n_full * w + c, batch, 0, c, heads, tail_rows, r))
+    for c, head, heads, h_step, h_pos, rows in _head_groups(r, n_head, w):
+        if rows <= 0:
+            continue
+        block = _Block(0, c, n_full, w, head, heads, h_step, h_pos, rows, r)
+        if tail == 0:  # batch rows line up with segments: fold them together
+            out += _chunked(replace(block, groups=batch * n_full))
+        else:
+            out += [blk for b in range(batch) for blk in _chunked(replace(block, batch=b))]
+    for c, head, heads, h_step, h_pos, rows in _head_groups(r, n_head, tail):
+        if rows > 0:  # the last, shorter segment of every batch row
+            out += _chunked(
+                _Block(0, n_full * w + c, batch, 0, head, heads, h_step, h_pos, rows, r)
+            )
     return out
 
 
