@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 import sys
 import threading
@@ -183,8 +184,9 @@ def parse_args(argv=None):
     if any(s <= 0 for s in args.sizes) or args.repeats <= 0:
         p.error(f"sizes and repeats must be positive, got {args.sizes} and {args.repeats}")
     args.device = torch.device(args.device)
-    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else
-                                               "float32"))
+    args.dtype = getattr(
+        torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+    )
     if args.backend == "auto":
         from models.attention.backends import resolve_backend
 
@@ -200,11 +202,20 @@ def fmt(x, spec=".3f"):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device.type == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc keeps freed blocks below a moving threshold (up to 32 MiB) in its heap, so
+        # the resident set would not show what a run allocates; a fixed threshold makes every
+        # tensor its own mapping, returned on free. Re-run this process with it set.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.manual_seed(0)
     rows = []
-    print(f"device={args.device} dtype={str(args.dtype)[6:]} backend={args.backend} "
-          f"threads={torch.get_num_threads()} B=1 H={args.heads} D={args.head_dim} "
-          f"w={PAPER_W} r={PAPER_R}", flush=True)
+    print(
+        f"device={args.device} dtype={str(args.dtype)[6:]} backend={args.backend} "
+        f"threads={torch.get_num_threads()} B=1 H={args.heads} D={args.head_dim} "
+        f"w={PAPER_W} r={PAPER_R}",
+        flush=True,
+    )
     for n in args.sizes:
         row = {"n": n, **dilated_runs(n, args)}
         if n <= args.max_backward:
@@ -212,8 +223,10 @@ def main(argv=None):
         if n <= args.dense_max:
             row.update(dense_runs(n, args))
         rows.append(row)
-        print(f"  N={n}: " + ", ".join(f"{k}={fmt(v, '.4g')}" for k, v in row.items()
-                                       if k != "n"), flush=True)
+        print(
+            f"  N={n}: " + ", ".join(f"{k}={fmt(v, '.4g')}" for k, v in row.items() if k != "n"),
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "attention_scaling.csv")
     print(markdown_table(rows))
@@ -222,8 +235,17 @@ def main(argv=None):
     print(f"wrote {args.out / 'attention_scaling.csv'} and {args.out / 'attention_scaling.png'}")
 
 
-COLUMNS = ["n", "fwd_s", "fwdbwd_s", "floor_fwd_s", "floor_fwdbwd_s", "dense_fwd_s",
-           "dense_fwdbwd_s", "fwd_mem", "fwdbwd_mem"]
+COLUMNS = [
+    "n",
+    "fwd_s",
+    "fwdbwd_s",
+    "floor_fwd_s",
+    "floor_fwdbwd_s",
+    "dense_fwd_s",
+    "dense_fwdbwd_s",
+    "fwd_mem",
+    "fwdbwd_mem",
+]
 
 
 def write_csv(rows, path):
@@ -239,9 +261,11 @@ def _ratio(a, b):
 
 
 def markdown_table(rows) -> str:
-    head = ("| N | fwd s | fwd+bwd s | floor fwd+bwd s | x floor (fwd / fwd+bwd) | "
-            "us/token fwd+bwd | dense fwd+bwd s | dense / dilated | peak MiB fwd | "
-            "peak MiB fwd+bwd |")
+    head = (
+        "| N | fwd s | fwd+bwd s | floor fwd+bwd s | x floor (fwd / fwd+bwd) | "
+        "us/token fwd+bwd | dense fwd+bwd s | dense / dilated | peak MiB fwd | "
+        "peak MiB fwd+bwd |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         fb = r.get("fwdbwd_s")
@@ -261,8 +285,11 @@ def markdown_table(rows) -> str:
 
 def summary(rows) -> str:
     """The log-log slope of fwd+bwd time over N >= 32K: 1.0 is linear."""
-    pts = [(math.log(r["n"]), math.log(r["fwdbwd_s"])) for r in rows
-           if r["n"] >= 32 * K and r.get("fwdbwd_s")]
+    pts = [
+        (math.log(r["n"]), math.log(r["fwdbwd_s"]))
+        for r in rows
+        if r["n"] >= 32 * K and r.get("fwdbwd_s")
+    ]
     if len(pts) < 2:
         return "log-log slope: needs two sizes >= 32K with a backward"
     mx = statistics.fmean(x for x, _ in pts)
@@ -278,8 +305,12 @@ def plot(rows, path, args):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    series = [("fwd_s", "dilated fwd"), ("fwdbwd_s", "dilated fwd+bwd"),
-              ("floor_fwdbwd_s", "kernel floor fwd+bwd"), ("dense_fwdbwd_s", "dense SDPA fwd+bwd")]
+    series = [
+        ("fwd_s", "dilated fwd"),
+        ("fwdbwd_s", "dilated fwd+bwd"),
+        ("floor_fwdbwd_s", "kernel floor fwd+bwd"),
+        ("dense_fwdbwd_s", "dense SDPA fwd+bwd"),
+    ]
     for key, label in series:
         pts = [(r["n"], r[key]) for r in rows if r.get(key)]
         if pts:
@@ -288,8 +319,11 @@ def plot(rows, path, args):
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N (tokens)")
     ax.set_ylabel("seconds (median)")
-    ax.set_title(f"Dilated attention, paper schedule, H={args.heads} D={args.head_dim}, "
-                 f"{args.device.type} {str(args.dtype)[6:]}", fontsize=9)
+    ax.set_title(
+        f"Dilated attention, paper schedule, H={args.heads} D={args.head_dim}, "
+        f"{args.device.type} {str(args.dtype)[6:]}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

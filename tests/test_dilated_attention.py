@@ -167,6 +167,39 @@ def test_strided_inputs_from_a_fused_projection():
     assert torch.isfinite(qkv.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes(dtype):
+    """float64 stays exact; bf16 runs the kernel in bf16 and mixes in float32."""
+    segs, rates = [8, 16], [1, 2]
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 40, 4, 8, generator=gen) for _ in range(3))
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    out = dilated_attention(*leaves, segs, rates)
+    out.float().sum().backward()
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = dilated_attention_ref(*ref_in, segs, rates)
+    ref.sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 3e-2
+    assert out.dtype == dtype and leaves[0].grad.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+    for leaf, r in zip(leaves, ref_in, strict=True):
+        torch.testing.assert_close(leaf.grad.double(), r.grad, atol=10 * tol, rtol=0)
+
+
+@pytest.mark.slow
+def test_paper_schedule_at_2k_tokens_chunked(monkeypatch):
+    """The paper's schedule divided by 16, at N = 2000, cut into many chunks."""
+    import models.attention.dilated as dilated
+
+    monkeypatch.setattr(dilated, "CHUNK_ROWS", 4096)
+    segs, rates = [128, 256, 512, 1024, 2048], [1, 2, 4, 6, 12]
+    for causal in (True, False):
+        got, want = run_both(1, 2000, 12, 16, segs, rates, causal, seed=5)
+        torch.testing.assert_close(got[0].double(), want[0], atol=FWD_TOL, rtol=0)
+        for g, w in zip(got[1:], want[1:], strict=True):
+            torch.testing.assert_close(g.double(), w, atol=GRAD_TOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input
 
