@@ -118,10 +118,10 @@ def test_math_backend_agrees(causal):
 
 def test_chunked_path_matches(monkeypatch):
     """Chunks of a few segments (as long sequences use) give the same result as one chunk."""
-    import models.attention.dilated as dilated
+    import models.attention.mixing as mixing
 
     whole, _ = run_both(2, 70, 4, 8, [8, 16, 32], [1, 2, 4], True, seed=3)
-    monkeypatch.setattr(dilated, "CHUNK_ROWS", 40)
+    monkeypatch.setattr(mixing, "CHUNK_ROWS", 40)
     chunked, _ = run_both(2, 70, 4, 8, [8, 16, 32], [1, 2, 4], True, seed=3)
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -189,9 +189,9 @@ def test_other_dtypes(dtype):
 @pytest.mark.slow
 def test_paper_schedule_at_2k_tokens_chunked(monkeypatch):
     """The paper's schedule divided by 16, at N = 2000, cut into many chunks."""
-    import models.attention.dilated as dilated
+    import models.attention.mixing as mixing
 
-    monkeypatch.setattr(dilated, "CHUNK_ROWS", 4096)
+    monkeypatch.setattr(mixing, "CHUNK_ROWS", 4096)
     segs, rates = [128, 256, 512, 1024, 2048], [1, 2, 4, 6, 12]
     for causal in (True, False):
         got, want = run_both(1, 2000, 12, 16, segs, rates, causal, seed=5)

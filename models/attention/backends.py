@@ -7,12 +7,14 @@ the ones the kernel produced (the ring-attention trick). Public attention functi
 neither, so this layer wraps the private kernel entry points of each library behind one
 interface:
 
-    out, lse = attention_forward(q, k, v, causal, scale, backend)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal, scale, backend)
+    out, lse = attention_forward(q, k, v, causal, scale, mask, backend)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal, scale, mask, backend)
 
-Layouts: ``q, k, v, out, dout``: ``(G, M, H, D)`` (flash-attn's layout; G folds batch and
-segments), any strides with the last dimension contiguous; ``lse``: ``(G, M, H)``, float32
-(float64 for float64 inputs), any strides.
+Layouts: ``q, out, dout``: ``(G, M, H, D)`` (flash-attn's layout; G folds batch and blocks);
+``k, v``: ``(G, M_kv, H, D)``; any strides with the last dimension contiguous. ``lse``:
+``(G, M, H)``, float32 (float64 for float64 inputs), any strides. ``mask``: optional additive
+float ``(M, M_kv)`` in q's dtype, shared by all groups and heads (``-inf`` where a query must
+not see a key); ``causal`` is only used with ``M == M_kv``.
 
 Backends:
 - ``"torch"``: PyTorch's fused kernels. On CPU ``_scaled_dot_product_flash_attention_for_cpu``
@@ -65,32 +67,37 @@ def _bhmd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
-def attention_forward(q, k, v, causal: bool, scale: float, backend: str = "torch"):
+def attention_forward(q, k, v, causal: bool, scale: float, mask=None, backend="torch"):
     """Returns ``out (G, M, H, D)`` in q's dtype and ``lse (G, M, H)``."""
     if backend == "math":
-        return _math_forward(q, k, v, causal, scale)
-    if backend == "flash":
+        return _math_forward(q, k, v, causal, scale, mask)
+    if backend == "flash" and mask is None:
         return _flash_forward(q, k, v, causal, scale)
+    mask = None if mask is None else mask[None, None]  # broadcast over groups and heads
     if q.is_cuda:
-        return _cuda_efficient_forward(q, k, v, causal, scale)
+        return _cuda_efficient_forward(q, k, v, causal, scale, mask)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        _bhmd(q), _bhmd(k), _bhmd(v), 0.0, causal, scale=scale
+        _bhmd(q), _bhmd(k), _bhmd(v), 0.0, causal, attn_mask=mask, scale=scale
     )
     return _bhmd(out), lse.transpose(1, 2)
 
 
-def attention_backward(dout, q, k, v, out, lse, causal: bool, scale: float, backend="torch"):
+def attention_backward(
+    dout, q, k, v, out, lse, causal: bool, scale: float, mask=None, backend="torch"
+):
     """Gradients of q, k, v for a softmax whose normaliser is ``lse`` and output ``out``
     (which may come from a larger softmax that this call is only a part of)."""
     if backend == "math":
-        return _math_backward(dout, q, k, v, out, lse, causal, scale)
-    if backend == "flash":
+        return _math_backward(dout, q, k, v, out, lse, causal, scale, mask)
+    if backend == "flash" and mask is None:  # flash-attn takes no mask: torch's kernel does
         return _flash_backward(dout, q, k, v, out, lse, causal, scale)
+    mask = None if mask is None else mask[None, None]
     if q.is_cuda:
-        return _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale)
+        return _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, mask)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *(_bhmd(x) for x in (dout, q, k, v, out)), lse.transpose(1, 2), 0.0, causal, scale=scale
-    )
+        *(_bhmd(x) for x in (dout, q, k, v, out)), lse.transpose(1, 2), 0.0, causal,
+        attn_mask=mask, scale=scale,
+    )  # fmt: skip
     return tuple(_bhmd(g) for g in grads)
 
 
@@ -98,25 +105,27 @@ def attention_backward(dout, q, k, v, out, lse, causal: bool, scale: float, back
 # math: explicit scores, in float32 at least
 
 
-def _probs(q, k, lse, causal, scale):
-    s = torch.einsum("gqhd,gkhd->ghqk", q, k).float() * scale  # (G, H, M, M)
+def _probs(q, k, lse, causal, scale, mask):
+    s = torch.einsum("gqhd,gkhd->ghqk", q, k).float() * scale  # (G, H, M, M_kv)
     if causal:
         m = q.shape[1]
         keep = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        s = s + mask.float()
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)  # (G, H, M)
     return torch.exp(s - lse[..., None]), lse
 
 
-def _math_forward(q, k, v, causal, scale):
-    p, lse = _probs(q, k, None, causal, scale)
+def _math_forward(q, k, v, causal, scale, mask):
+    p, lse = _probs(q, k, None, causal, scale, mask)
     out = torch.einsum("ghqk,gkhd->gqhd", p, v.float())
     return out.to(q.dtype), lse.transpose(1, 2)
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale):
-    p, _ = _probs(q, k, lse.transpose(1, 2).float(), causal, scale)
+def _math_backward(dout, q, k, v, out, lse, causal, scale, mask):
+    p, _ = _probs(q, k, lse.transpose(1, 2).float(), causal, scale, mask)
     do = dout.float()
     dv = torch.einsum("ghqk,gqhd->gkhd", p, do)
     dp = torch.einsum("gqhd,gkhd->ghqk", do, v.float())
@@ -131,25 +140,29 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
 # CUDA: torch's memory-efficient kernel (takes fp32 too). Its LSE may be padded to 32 columns.
 
 
-def _cuda_efficient_forward(q, k, v, causal, scale):
+def _cuda_efficient_forward(q, k, v, causal, scale, mask):
+    if mask is not None:  # the kernel wants a bias of the full (G, H, M, M_kv) shape
+        mask = mask.expand(q.shape[0], q.shape[2], -1, -1)
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-        _bhmd(q), _bhmd(k), _bhmd(v), None, True, 0.0, causal, scale=scale
+        _bhmd(q), _bhmd(k), _bhmd(v), mask, True, 0.0, causal, scale=scale
     )
     return _bhmd(out), lse[..., : q.shape[1]].transpose(1, 2)
 
 
-def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
+def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, mask):
     m = q.shape[1]
     lse = lse.transpose(1, 2).float()  # (G, H, M)
     pad = math.ceil(m / 32) * 32 - m
     lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    if mask is not None:
+        mask = mask.expand(q.shape[0], q.shape[2], -1, -1)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         _bhmd(dout),
         _bhmd(q),
         _bhmd(k),
         _bhmd(v),
-        None,
+        mask,
         _bhmd(out),
         lse,
         zero,

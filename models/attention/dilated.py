@@ -10,37 +10,29 @@ which is one softmax over the multiset union of the keys they attend (paper eq. 
 How it is computed. Within a pair, the heads that share an offset ``c = h mod r`` keep the
 same positions ``s*w + c + j*r``, so for each offset the kept rows of all segments form one dense
 block that is a *strided view* of the input: ``(G, M, A, D)`` with G = batch x segments,
-M = ceil((w - c) / r) rows and A heads. Each block goes straight to a fused attention kernel
-(``backends.py``) that also returns the log-sum-exp (LSE); nothing is gathered, padded or
-masked, and a segment length that ``r`` does not divide, or a last segment that is shorter,
-just gives blocks with fewer rows. Pairs are mixed online into one float32 accumulator, in
-place through the same views, so memory stays O(N) whatever the number of pairs.
+M = ceil((w - c) / r) rows and A heads. Nothing is gathered, padded or masked: a segment
+length that ``r`` does not divide, or a shorter last segment, just gives blocks with fewer rows.
 
-Gradients are exact, through the mixing weights too. A kernel's LSE carries no gradient, so
-the backward is written by hand: each pair's kernel backward is run with the *mixed* output and
-*mixed* LSE, which recomputes the probabilities of the union softmax and so yields the exact
-gradient of the mixture (the same identity ring attention relies on). Computing the mixing
-weights from a detached LSE instead, as the official implementation does, gives gradients that
-are off by tens of percent (``tests/test_dilated_attention.py`` measures it).
-
-Blocks are cut into chunks of whole segments (``CHUNK_ROWS``) to bound the kernel's temporary
-memory, so a 1M-token forward needs little beyond q, k, v and the output.
+The blocks go to ``mixing.mixed_attention``, which runs each on a fused kernel that returns the
+log-sum-exp, merges them online into one float32 accumulator (memory O(N) whatever the number
+of pairs), and has a hand-written backward that is exact through the mixing weights. Computing
+the weights from a detached log-sum-exp instead, as the official implementation does, puts
+gradients tens of percent off (``tests/test_dilated_attention.py`` measures it).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 
 import torch
 from torch import nn
 
-from models.attention.backends import attention_backward, attention_forward, resolve_backend
+from models.attention.backends import BACKENDS, resolve_backend
+from models.attention.mixing import Block, Call, chunked, mixed_attention
 
-# Rows (position x head) per chunk: 2**19 rows of D=64 fp32 is 128 MiB per gathered tensor.
-CHUNK_ROWS = 2**19
 # Construction-time coverage check looks at one full period of the pattern, if it is this short.
 _MAX_PERIOD_CHECKED = 2**22
 
@@ -126,43 +118,15 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 # geometry: every pair is a set of dense, strided blocks of the inputs
 
 
-@dataclass(frozen=True)
-class _Block:
-    """One kernel call: a dense ``(G, M, A)`` block of (group, row, head) that is a strided view
-    of the input. Row j of head i in group g sits at position
-    ``pos + g*group_step + j*step + i*head_pos`` and head ``head + i*head_step``.
-
-    Head h keeps the positions ``c + j*r`` (c = h mod r) of each segment, so the heads of one
-    offset c form a block (``head_step = r, head_pos = 0``), and so do the heads ``a*r + c`` for
-    consecutive c (``head_step = 1, head_pos = 1``): whichever needs fewer kernel calls is used.
-    Nothing is gathered, padded or masked.
-    """
-
-    batch: int  # first batch row
-    pos: int  # position of row 0 of head 0 in group 0
-    groups: int  # G
-    group_step: int  # positions between groups; 0 means groups are batch rows
-    head: int  # first head
-    heads: int  # A
-    head_step: int
-    head_pos: int  # positions between heads
-    rows: int  # M
-    step: int  # r: positions between rows
-
-    def view(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, H, ...) strided tensor -> (G, M, A, ...) view of this block."""
-        s_b, s_n, s_h, *rest = x.stride()
-        group = self.group_step * s_n if self.group_step else s_b
-        return x.as_strided(
-            (self.groups, self.rows, self.heads, *x.shape[3:]),
-            (group, self.step * s_n, self.head_pos * s_n + self.head_step * s_h, *rest),
-            x.storage_offset() + self.batch * s_b + self.pos * s_n + self.head * s_h,
-        )
-
-
 def _head_groups(r: int, n_head: int, length: int):
     """(first offset c, first head, heads, head_step, head_pos, rows) of the blocks that cover
-    a segment of ``length`` positions; rows = ceil((length - c) / r) must agree within one."""
+    a segment of ``length`` positions for dilation ``r``.
+
+    Head h keeps the positions ``c + j*r`` (c = h mod r) of each segment, so the heads of one
+    offset c form a dense block (``head_step = r, head_pos = 0``), and so do the heads
+    ``a*r + c`` for a run of consecutive offsets c with equal row counts (``head_step = 1,
+    head_pos = 1``). Whichever needs fewer kernel calls is used.
+    """
     n_a = -(-n_head // r)
     if n_a >= min(r, n_head):  # one block per offset c: heads c, c+r, c+2r, ...
         for c in range(min(r, n_head)):
@@ -176,124 +140,33 @@ def _head_groups(r: int, n_head: int, length: int):
                 yield lo, a * r + lo, min(hi, c_end) - lo, 1, 1, rows
 
 
-def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[_Block]:
-    """The blocks of pair (w, r), chunked so that none holds more than CHUNK_ROWS rows."""
+def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[Block]:
+    """The blocks of pair (w, r): strided views, nothing gathered, padded or masked."""
     w = min(w, n)  # w >= N: one segment holding the whole sequence
     n_full, tail = divmod(n, w)
     out = []
     for c, head, heads, h_step, h_pos, rows in _head_groups(r, n_head, w):
         if rows <= 0:
             continue
-        block = _Block(0, c, n_full, w, head, heads, h_step, h_pos, rows, r)
+        block = Block(0, c, n_full, w, head, heads, h_step, h_pos, rows, r)
         if tail == 0:  # batch rows line up with segments: fold them together
-            out += _chunked(replace(block, groups=batch * n_full))
+            out.append(replace(block, groups=batch * n_full))
         else:
-            out += [blk for b in range(batch) for blk in _chunked(replace(block, batch=b))]
+            out += [replace(block, batch=b) for b in range(batch)]
     for c, head, heads, h_step, h_pos, rows in _head_groups(r, n_head, tail):
         if rows > 0:  # the last, shorter segment of every batch row
-            out += _chunked(
-                _Block(0, n_full * w + c, batch, 0, head, heads, h_step, h_pos, rows, r)
-            )
+            out.append(Block(0, n_full * w + c, batch, 0, head, heads, h_step, h_pos, rows, r))
     return out
 
 
-def _chunked(block: _Block) -> list[_Block]:
-    per = max(1, CHUNK_ROWS // (block.rows * block.heads))
-    if block.groups <= per:
-        return [block]
-    step = block.group_step
+def dilated_calls(pairs: Schedule, batch: int, n: int, n_head: int, causal: bool) -> list[Call]:
+    """The kernel calls of a schedule; the first pair's are disjoint, so they are copied."""
     return [
-        replace(
-            block,
-            groups=min(per, block.groups - g0),
-            pos=block.pos + g0 * step if step else block.pos,
-            batch=block.batch if step else block.batch + g0,
-        )
-        for g0 in range(0, block.groups, per)
+        call
+        for i, (w, r) in enumerate(pairs)
+        for block in _blocks(w, r, batch, n, n_head)
+        for call in chunked(Call(block, block, causal, first=i == 0))
     ]
-
-
-def _strided_ok(x: torch.Tensor) -> torch.Tensor:
-    """Blocks fold batch rows with segments, so batch rows must be N positions apart and the
-    head dimension contiguous; anything else (an expanded gradient, say) is copied once."""
-    B, N, H, D = x.shape
-    s_b, s_n, s_h, s_d = x.stride()
-    if s_d == 1 and s_h == D and s_n >= H * D and (B == 1 or s_b == N * s_n):
-        return x
-    return x.contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# forward and backward
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _new_acc(pairs: Schedule, shape, dtype, device, fill: float) -> torch.Tensor:
-    # a first pair with r = 1 writes every row, so its buffer needs no initialisation
-    if pairs[0][1] == 1:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-def _forward(q, k, v, pairs: Schedule, causal: bool, scale: float, backend: str):
-    """Returns the mixed output ``o (B, N, H, D)`` and LSE ``lse (B, N, H)``, both in the
-    accumulation dtype (float32, or float64 for float64 inputs)."""
-    B, N, H, D = q.shape
-    acc = _acc_dtype(q.dtype)
-    o = _new_acc(pairs, (B, N, H, D), acc, q.device, 0.0)
-    lse = _new_acc(pairs, (B, N, H), acc, q.device, float("-inf"))
-    for i, (w, r) in enumerate(pairs):
-        for blk in _blocks(w, r, B, N, H):
-            out, l_blk = attention_forward(blk.view(q), blk.view(k), blk.view(v), causal, scale,
-                                           backend)  # fmt: skip
-            _mix(blk.view(o), blk.view(lse), out, l_blk, fresh=i == 0)
-    return o, lse
-
-
-def _mix(o, lse, out, l_blk, fresh: bool) -> None:
-    """Online softmax merge of one block's (out, lse) into the accumulator views, in place."""
-    if fresh:
-        o.copy_(out)
-        lse.copy_(l_blk)
-        return
-    new = torch.logaddexp(lse, l_blk)
-    o.mul_(torch.exp(lse - new).unsqueeze(-1))
-    o.addcmul_(out, torch.exp(l_blk - new).unsqueeze(-1))
-    lse.copy_(new)
-
-
-def _backward(dout, q, k, v, o, lse, pairs: Schedule, causal, scale, backend):
-    """Each block's kernel backward, run with the mixed output and mixed LSE."""
-    B, N, H, D = q.shape
-    grads = [_new_acc(pairs, (B, N, H, D), o.dtype, q.device, 0.0) for _ in range(3)]
-    o = o.to(q.dtype)
-    for i, (w, r) in enumerate(pairs):
-        for blk in _blocks(w, r, B, N, H):
-            views = [blk.view(x) for x in (dout, q, k, v, o)]
-            parts = attention_backward(*views, blk.view(lse), causal, scale, backend)
-            for grad, part in zip(grads, parts, strict=True):
-                g = blk.view(grad)
-                g.copy_(part) if i == 0 else g.add_(part)
-    return [g.to(q.dtype) for g in grads]
-
-
-class _DilatedAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pairs, causal, scale, backend):
-        o, lse = _forward(q, k, v, pairs, causal, scale, backend)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (pairs, causal, scale, backend)
-        return o.to(q.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(_strided_ok(dout), q, k, v, o, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,10 +197,10 @@ def dilated_attention(
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     backend = resolve_backend(backend, q)
-    q, k, v = (_strided_ok(x) for x in (q, k, v))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _DilatedAttentionFn.apply(q, k, v, pairs, bool(causal), float(scale), backend)
-    return _forward(q, k, v, pairs, bool(causal), float(scale), backend)[0].to(q.dtype)
+    calls = dilated_calls(pairs, B, N, H, bool(causal))
+    # a first pair with r = 1 keeps every (position, head): accumulators need no initialising
+    covers_all = pairs[0][1] == 1
+    return mixed_attention(q, [(k, v)], calls, covers_all, float(scale), backend)
 
 
 class DilatedAttention(nn.Module):
@@ -348,8 +221,8 @@ class DilatedAttention(nn.Module):
     ):
         super().__init__()
         self.pairs = validate_schedule(segment_lengths, dilation_rates)
-        if backend not in ("auto", "torch", "flash", "math"):
-            raise ValueError(f"backend={backend!r} is not one of auto, torch, flash, math")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
         if n_head is not None:
             if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head <= 0:
                 raise ValueError(f"n_head must be a positive integer, got {n_head!r}")

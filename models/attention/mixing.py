@@ -1,0 +1,225 @@
+"""Attention as a union of dense blocks, mixed by softmax denominators, with an exact backward.
+
+Dilated, sparse (fixed) and sliding-window attention are all the same computation: every query
+attends the union of several dense blocks of keys, and the union is one softmax. Each pattern
+only says which blocks: a list of :class:`Call`, each a strided view of the queries, a strided
+view of some keys and values, and whether the block is causal or carries a small mask. This
+module runs such a list.
+
+Forward: each call goes to a fused kernel (``backends.py``) that returns output and
+log-sum-exp (LSE); results are merged online, in place through the same views, into one
+float32 accumulator (memory O(N) whatever the number of calls).
+
+Backward: the kernel's LSE carries no gradient, so the backward is written by hand. Each call's
+kernel backward is run with the *mixed* output and *mixed* LSE, which recomputes the
+probabilities of the union softmax: the gradient is exact, through the mixing weights too (the
+identity ring attention relies on). Computing mixing weights from a detached LSE, as the
+official LongNet implementation does, puts gradients tens of percent off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from models.attention.backends import attention_backward, attention_forward
+
+# Rows (position x head) per kernel call: 2**19 rows of D=64 fp32 is 128 MiB per tensor.
+CHUNK_ROWS = 2**19
+
+
+@dataclass(frozen=True)
+class Block:
+    """A dense ``(G, M, A)`` block of (group, row, head) that is a strided view of a
+    ``(B, L, H, ...)`` tensor: row j of head i in group g sits at position
+    ``pos + g*group_step + j*step + i*head_pos`` and head ``head + i*head_step`` of batch row
+    ``batch`` (or ``batch + g`` when ``group_step == 0``: groups are then batch rows).
+    """
+
+    batch: int
+    pos: int
+    groups: int
+    group_step: int
+    head: int
+    heads: int
+    head_step: int
+    head_pos: int
+    rows: int
+    step: int
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H, ...) strided tensor -> (G, M, A, ...) view, no copy."""
+        s_b, s_n, s_h, *rest = x.stride()
+        group = self.group_step * s_n if self.group_step else s_b
+        return x.as_strided(
+            (self.groups, self.rows, self.heads, *x.shape[3:]),
+            (group, self.step * s_n, self.head_pos * s_n + self.head_step * s_h, *rest),
+            x.storage_offset() + self.batch * s_b + self.pos * s_n + self.head * s_h,
+        )
+
+    def split(self, start: int, count: int) -> Block:
+        """Groups [start, start + count) of this block."""
+        if self.group_step:
+            return replace(self, groups=count, pos=self.pos + start * self.group_step)
+        return replace(self, groups=count, batch=self.batch + start)
+
+
+def contiguous_block(batch, pos, groups, group_step, rows, n_head) -> Block:
+    """All heads of ``rows`` consecutive positions, in ``groups`` groups."""
+    return Block(batch, pos, groups, group_step, 0, n_head, 1, 0, rows, 1)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One kernel call: queries ``q`` attend keys/values ``kv`` of source ``source``.
+
+    ``mask``: optional bool ``(M_q, M_kv)``, True where a query may attend a key; shared by
+    every group and head. Calls of the first group (``first=True``) must have ``kv == q`` on
+    source 0 and be disjoint, so their results can be copied rather than merged.
+    """
+
+    q: Block
+    kv: Block
+    causal: bool
+    source: int = 0
+    mask: torch.Tensor | None = None
+    first: bool = False
+
+
+def chunked(call: Call) -> list[Call]:
+    """Cuts a call into calls of at most CHUNK_ROWS query rows (whole groups)."""
+    per = max(1, CHUNK_ROWS // (call.q.rows * call.q.heads))
+    if call.q.groups <= per:
+        return [call]
+    return [
+        replace(call, q=call.q.split(g0, n), kv=call.kv.split(g0, n))
+        for g0 in range(0, call.q.groups, per)
+        for n in [min(per, call.q.groups - g0)]
+    ]
+
+
+def strided_ok(x: torch.Tensor) -> torch.Tensor:
+    """Blocks fold batch rows with groups, so batch rows must be L positions apart and the head
+    dimension contiguous; anything else (an expanded gradient, say) is copied once."""
+    B, L, H, D = x.shape
+    s_b, s_n, s_h, s_d = x.stride()
+    if s_d == 1 and s_h == D and s_n >= H * D and (B == 1 or s_b == L * s_n):
+        return x
+    return x.contiguous()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~mask, float("-inf"))
+
+
+def _forward(q, sources, calls, covers_all, scale, backend):
+    """Returns the mixed output ``o (B, N, H, D)`` and LSE ``lse (B, N, H)`` in the
+    accumulation dtype (float32, or float64 for float64 inputs)."""
+    B, N, H, D = q.shape
+    acc = _acc_dtype(q.dtype)
+    new = torch.empty if covers_all else torch.zeros
+    o = new((B, N, H, D), dtype=acc, device=q.device)
+    lse = torch.empty((B, N, H), dtype=acc, device=q.device)
+    if not covers_all:
+        lse.fill_(float("-inf"))
+    for call in calls:
+        k, v = sources[call.source]
+        mask = _additive(call.mask, q.dtype)
+        out, l_blk = attention_forward(
+            call.q.view(q), call.kv.view(k), call.kv.view(v), call.causal, scale, mask, backend
+        )
+        _merge(call.q.view(o), call.q.view(lse), out, l_blk, fresh=call.first)
+    return o, lse
+
+
+def _merge(o, lse, out, l_blk, fresh: bool) -> None:
+    """Online softmax merge of one call's (out, lse) into the accumulator views, in place."""
+    if fresh:
+        o.copy_(out)
+        lse.copy_(l_blk)
+        return
+    new = torch.logaddexp(lse, l_blk)
+    o.mul_(torch.exp(lse - new).unsqueeze(-1))
+    o.addcmul_(out, torch.exp(l_blk - new).unsqueeze(-1))
+    lse.copy_(new)
+
+
+def _backward(dout, q, sources, o, lse, calls, covers_all, scale, backend):
+    """Each call's kernel backward, run with the mixed output and mixed LSE."""
+    acc = o.dtype
+    dq = (torch.empty if covers_all else torch.zeros)(q.shape, dtype=acc, device=q.device)
+    dkv = [
+        [
+            (torch.empty if covers_all and i == 0 else torch.zeros)(
+                x.shape, dtype=acc, device=x.device
+            )
+            for x in src
+        ]  # fmt: skip
+        for i, src in enumerate(sources)
+    ]
+    o = o.to(q.dtype)
+    for call in calls:
+        k, v = sources[call.source]
+        mask = _additive(call.mask, q.dtype)
+        q_views = [call.q.view(x) for x in (dout, q)]
+        kv_views = [call.kv.view(x) for x in (k, v)]
+        parts = attention_backward(
+            *q_views, *kv_views, call.q.view(o), call.q.view(lse), call.causal, scale, mask,
+            backend,
+        )  # fmt: skip
+        targets = [call.q.view(dq), *(call.kv.view(g) for g in dkv[call.source])]
+        for target, part in zip(targets, parts, strict=True):
+            target.copy_(part) if call.first else target.add_(part)
+    return dq.to(q.dtype), [[g.to(x.dtype) for g, x in zip(gs, src, strict=True)]
+                            for gs, src in zip(dkv, sources, strict=True)]  # fmt: skip
+
+
+class _MixedAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, calls, covers_all, scale, backend, *kv):
+        sources = [tuple(kv[i : i + 2]) for i in range(0, len(kv), 2)]
+        o, lse = _forward(q, sources, calls, covers_all, scale, backend)
+        ctx.save_for_backward(q, o, lse, *kv)
+        ctx.args = (calls, covers_all, scale, backend)
+        return o.to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, o, lse, *kv = ctx.saved_tensors
+        sources = [tuple(kv[i : i + 2]) for i in range(0, len(kv), 2)]
+        calls, covers_all, scale, backend = ctx.args
+        dq, dkv = _backward(strided_ok(dout), q, sources, o, lse, calls, covers_all, scale,
+                            backend)  # fmt: skip
+        return dq, None, None, None, None, *(g for pair in dkv for g in pair)
+
+
+def mixed_attention(
+    q: torch.Tensor,
+    sources: list[tuple[torch.Tensor, torch.Tensor]],
+    calls: list[Call],
+    covers_all: bool,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """Union-softmax attention of ``q (B, N, H, D)`` over the blocks that ``calls`` name.
+
+    ``sources``: ``[(k, v), ...]``, each ``(B, L, H, D)``; source 0 is usually the keys and
+    values at the queries' own positions. ``covers_all``: the ``first`` calls together cover
+    every (position, head) of q, so accumulators need no initialisation. Every (position, head)
+    must be covered by some call. Returns ``(B, N, H, D)`` in q's dtype.
+    """
+    q = strided_ok(q)
+    sources = [tuple(strided_ok(x) for x in src) for src in sources]
+    flat = [x for src in sources for x in src]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, *flat)):
+        return _MixedAttentionFn.apply(q, calls, covers_all, scale, backend, *flat)
+    return _forward(q, sources, calls, covers_all, scale, backend)[0].to(q.dtype)
