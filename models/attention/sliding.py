@@ -1,0 +1,74 @@
+"""Sliding-window causal attention: query i attends keys j with ``i - window < j <= i``.
+
+The usual cheap alternative to dense attention (Longformer's local part, Mistral). Computed in
+linear time and memory as two sets of dense blocks, mixed by ``mixing.mixed_attention``: the
+sequence is cut into chunks of ``window`` positions; each chunk attends itself causally, and
+rows ``0 .. window-2`` of each chunk also attend the previous chunk, where row ``a`` may see key
+``b`` only if ``b > a`` (then ``i - j = window + a - b < window``). The mask is ``window x
+window`` and shared by every chunk: nothing ``N x N`` is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from models.attention.backends import resolve_backend
+from models.attention.mixing import Call, chunked, contiguous_block, mixed_attention
+
+
+def check_window(window: int) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    return window
+
+
+def local_calls(block: int, batch: int, n: int, n_head: int) -> list[Call]:
+    """Causal attention inside consecutive blocks of ``block`` positions (the last may be
+    shorter); disjoint and covering every position, so they come first and are copied."""
+    block = min(block, n)
+    n_full, tail = divmod(n, block)
+    calls = []
+    if tail == 0:  # batch rows line up with blocks: fold them together
+        calls.append(contiguous_block(0, 0, batch * n_full, block, block, n_head))
+    else:
+        calls += [contiguous_block(b, 0, n_full, block, block, n_head) for b in range(batch)]
+        calls.append(contiguous_block(0, n_full * block, batch, 0, tail, n_head))
+    return [c for blk in calls for c in chunked(Call(blk, blk, causal=True, first=True))]
+
+
+def _previous_chunk_calls(window, batch, n, n_head, mask) -> list[Call]:
+    n_full, tail = divmod(n, window)
+    calls = []
+    rows = window - 1  # the last row of a chunk sees none of the previous chunk
+    if n_full > 1 and rows > 0:
+        for b in range(batch):  # chunk 0 has no previous chunk, so batch rows cannot fold
+            q = contiguous_block(b, window, n_full - 1, window, rows, n_head)
+            kv = contiguous_block(b, 0, n_full - 1, window, window, n_head)
+            calls += chunked(Call(q, kv, causal=False, mask=mask[:rows]))
+    if tail and min(tail, rows) > 0:
+        q = contiguous_block(0, n_full * window, batch, 0, min(tail, rows), n_head)
+        kv = contiguous_block(0, (n_full - 1) * window, batch, 0, window, n_head)
+        calls += chunked(Call(q, kv, causal=False, mask=mask[: min(tail, rows)]))
+    return calls
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal sliding-window attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``."""
+    window = check_window(window)
+    B, N, H, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    backend = resolve_backend(backend, q)
+    calls = local_calls(window, B, N, H)
+    if window < N:
+        a = torch.arange(window, device=q.device)
+        calls += _previous_chunk_calls(window, B, N, H, a[None, :] > a[:, None])
+    return mixed_attention(q, [(k, v)], calls, True, float(scale), backend)

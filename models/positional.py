@@ -1,0 +1,107 @@
+"""Relative positions applied to q and k: RoPE (Su et al., 2021) and XPOS (Sun et al., 2022).
+
+Both rotate each pair of channels ``(x[i], x[i + D/2])`` of a head by ``position * theta_i``,
+so ``q_i . k_j`` depends on ``i - j`` only. XPOS also scales channel pair ``i`` of q by
+``zeta_i ** (p / gamma)`` and of k by ``zeta_i ** (-p / gamma)`` (``zeta_i`` in (0.29, 1),
+``gamma = xpos_scale_base``), so the product decays as ``zeta_i ** ((i - j) / gamma)``.
+
+The trap. Written that way, the scale of position p is ``zeta ** (p / gamma)``: at p = 32K and
+gamma = 512 the official implementation's k scale is 2.6e17, at 1M it is inf even in fp32.
+Only the *product* needs to be finite, and the product depends on ``i - j`` only, so any
+reference point ``a`` shared by q and k cancels: ``zeta ** ((i - a) / gamma)`` times
+``zeta ** ((a - j) / gamma)``. We measure positions from the centre of an *anchor block* of
+``anchor`` positions that every attended (query, key) pair shares. For dilated attention with
+segment lengths that divide the largest (the paper's do), the largest segment is such a block,
+so the scales stay bounded by ``zeta ** (w_max / 2 / gamma)`` at any sequence length: finite at
+1M positions in fp32 and bf16. Attention that can reach any earlier key (dense, sparse,
+sliding) takes the whole sequence as its block, which is finite up to about 70K tokens; past
+that we refuse with a clear error rather than return inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# exp() overflows float32 (and bf16, same exponent range) just above 88; keep a margin
+_MAX_LOG_SCALE = 80.0
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """cos, sin ``(N, D/2)`` in float64, so that angles at 1M positions keep their precision."""
+    if head_dim % 2:
+        raise ValueError(f"rotary positions need an even head dimension, got {head_dim}")
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
+    return angles.cos(), angles.sin()
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, N, H, D); cos, sin (N, D/2) -> broadcast over batch and heads
+    dtype = _work_dtype(x)
+    x1, x2 = x.to(dtype).chunk(2, dim=-1)
+    cos, sin = cos.to(dtype)[None, :, None, :], sin.to(dtype)[None, :, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def apply_rope(q, k, positions, base: float = 10000.0):
+    """RoPE on ``q, k (B, N, H, D)`` at integer ``positions (N,)``."""
+    cos, sin = rotary_angles(positions, q.shape[-1], base)
+    return _rotate(q, cos, sin).to(q.dtype), _rotate(k, cos, sin).to(k.dtype)
+
+
+def xpos_zeta(head_dim: int) -> torch.Tensor:
+    """Per channel-pair decay base, in (0.29, 1): (2i + 0.4 D) / (1.4 D)."""
+    return (torch.arange(0, head_dim, 2, dtype=torch.float64) + 0.4 * head_dim) / (1.4 * head_dim)
+
+
+def anchor_offsets(positions: torch.Tensor, anchor: int | None) -> torch.Tensor:
+    """``p - a(p)`` in float64: a(p) is the centre of p's anchor block (blocks of ``anchor``
+    positions, the last one cut at the end of the sequence), or of the whole sequence."""
+    p = positions.to(torch.float64)
+    lo, hi = p.min(), p.max()
+    if anchor is None:
+        return p - (lo + hi) / 2
+    start = torch.div(positions, anchor, rounding_mode="floor").to(torch.float64) * anchor
+    end = torch.minimum(start + anchor - 1, hi)
+    return p - (torch.maximum(start, lo) + end) / 2
+
+
+def xpos_log_scale(positions, head_dim: int, scale_base: float, anchor: int | None):
+    """``log(zeta) * (p - a(p)) / gamma``, ``(N, D/2)`` float64; q is scaled by its exp, k by
+    the exp of its negation. Raises if that would overflow float32."""
+    offsets = anchor_offsets(positions, anchor)
+    log_scale = offsets[:, None] / scale_base * xpos_zeta(head_dim).log().to(positions.device)
+    worst = log_scale.abs().max().item() if log_scale.numel() else 0.0
+    if worst > _MAX_LOG_SCALE:
+        span = "the whole sequence" if anchor is None else f"anchor blocks of {anchor}"
+        raise ValueError(
+            f"XPOS scales reach exp({worst:.0f}) for {positions.numel()} positions measured from "
+            f"the centre of {span} (xpos_scale_base={scale_base}): float32 overflows above "
+            f"exp({_MAX_LOG_SCALE:.0f}). Use position='rope', a shorter sequence, a larger "
+            "xpos_scale_base, or dilated attention whose segment lengths divide the largest"
+        )
+    return log_scale
+
+
+def apply_xpos(q, k, positions, scale_base: float = 512.0, anchor: int | None = None):
+    """XPOS on ``q, k (B, N, H, D)`` at integer ``positions (N,)``; exact relative products for
+    every (query, key) pair inside one anchor block (see the module docstring)."""
+    D = q.shape[-1]
+    cos, sin = rotary_angles(positions, D)
+    log_scale = xpos_log_scale(positions, D, scale_base, anchor)
+    dtype = _work_dtype(q)
+    up = log_scale.exp().to(dtype).repeat(1, 2)[None, :, None, :]  # (1, N, 1, D)
+    down = (-log_scale).exp().to(dtype).repeat(1, 2)[None, :, None, :]
+    return (_rotate(q, cos, sin) * up).to(q.dtype), (_rotate(k, cos, sin) * down).to(k.dtype)
+
+
+def dilated_anchor(segment_lengths) -> int:
+    """An anchor block for a dilated schedule: a multiple of every segment length, so every
+    segment of every pair lies inside one block."""
+    return math.lcm(*segment_lengths)

@@ -1,0 +1,246 @@
+"""A decoder-only language model whose attention is chosen by name: LongNet and its baselines.
+
+LongNet (Ding et al., 2023) is this backbone with ``attention="dilated"``, ``norm="subln"`` and
+``position="xpos"``: MAGNETO's Sub-LN (Wang et al., 2022, "Foundation Transformers": one more
+LayerNorm before the attention output projection and before the second FFN layer, and weights
+of v, out, fc1, fc2 scaled at init by ``gamma = sqrt(log(2 * n_layer))``) with XPOS relative
+positions. The baselines keep everything and swap the attention: ``"dense"`` (causal SDPA),
+``"sparse"`` (the Sparse Transformer's fixed pattern) and ``"sliding"`` (a causal window).
+
+``forward(tokens (B, N)) -> logits (B, N, vocab)``; the loss is computed outside. Positions are
+computed for the length seen, so a model trained at one length runs at any other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention.dilated import check_coverage, dilated_attention, validate_schedule
+from models.attention.sliding import check_window, sliding_window_attention
+from models.attention.sparse import (
+    check_pattern,
+    dilated_keys_per_query,
+    sparse_attention,
+    sparse_keys_per_query,
+)
+from models.positional import apply_rope, apply_xpos, dilated_anchor
+
+ATTENTIONS = ("dense", "dilated", "sparse", "sliding")
+POSITIONS = ("xpos", "rope", "none")
+NORMS = ("subln", "pre")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.0
+    attention: str = "dilated"  # dense | dilated | sparse | sliding
+    segment_lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+    dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 12])
+    window: int = 512  # sliding
+    sparse_block: int = 128  # sparse: block length
+    sparse_summary: int = 8  # sparse: summary positions at the end of every block
+    position: str = "xpos"  # xpos | rope | none
+    xpos_scale_base: float = 512.0
+    rope_base: float = 10000.0
+    norm: str = "subln"  # subln (MAGNETO) | pre (pre-LN)
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        self.segment_lengths = list(self.segment_lengths)
+        self.dilation_rates = list(self.dilation_rates)
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, allowed in (("attention", ATTENTIONS), ("position", POSITIONS),
+                              ("norm", NORMS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.position != "none" and (self.d_model // self.n_head) % 2:
+            raise ValueError(
+                f"position={self.position!r} needs an even head dimension, got "
+                f"d_model / n_head = {self.d_model // self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.xpos_scale_base <= 0 or self.rope_base <= 0:
+            raise ValueError("xpos_scale_base and rope_base must be positive")
+        if self.attention == "dilated":
+            check_coverage(validate_schedule(self.segment_lengths, self.dilation_rates),
+                           self.n_head)  # fmt: skip
+        elif self.attention == "sliding":
+            check_window(self.window)
+        elif self.attention == "sparse":
+            check_pattern(self.sparse_block, self.sparse_summary)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Builds from a plain dict (a loaded YAML); an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model keys {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg, self.n_head, self.head_dim = cfg, cfg.n_head, cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        # MAGNETO's Sub-LN: normalise the attention output before its projection
+        self.inner_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "subln" else nn.Identity()
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        # XPOS needs an anchor block that every attended (query, key) pair shares
+        dilated = cfg.attention == "dilated"
+        self.anchor = dilated_anchor(cfg.segment_lengths) if dilated else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_head, self.head_dim).unbind(2)  # (B,N,H,Dh)
+        if self.cfg.position == "xpos":
+            q, k = apply_xpos(q, k, positions, self.cfg.xpos_scale_base, self.anchor)
+        elif self.cfg.position == "rope":
+            q, k = apply_rope(q, k, positions, self.cfg.rope_base)
+        y = self.attend(q, k, v).reshape(B, N, C)
+        return self.out_proj(self.inner_norm(y))
+
+    def attend(self, q, k, v):
+        """(B, N, H, Dh) x3 -> (B, N, H, Dh), causal."""
+        cfg = self.cfg
+        if cfg.attention == "dilated":
+            return dilated_attention(q, k, v, cfg.segment_lengths, cfg.dilation_rates)
+        if cfg.attention == "sparse":
+            return sparse_attention(q, k, v, cfg.sparse_block, cfg.sparse_summary)
+        if cfg.attention == "sliding":
+            return sliding_window_attention(q, k, v, cfg.window)
+        y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+        return y.transpose(1, 2)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.inner_norm = nn.LayerNorm(cfg.d_ff) if cfg.norm == "subln" else nn.Identity()
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.inner_norm(F.gelu(self.fc1(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.norm2, self.ffn = nn.LayerNorm(cfg.d_model), FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), positions))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MAGNETO (subln): Xavier-normal weights, those of v, out_proj, fc1, fc2 times
+        gamma = sqrt(log(2L)). Pre-LN: GPT-2's normal(0.02), residual projections / sqrt(2L)."""
+        cfg = self.config
+        subln = cfg.norm == "subln"
+        nn.init.normal_(self.embed.weight, std=cfg.d_model**-0.5 if subln else 0.02)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5 if subln else 0.02)
+        gamma = math.sqrt(math.log(2 * cfg.n_layer))
+        for block in self.blocks:
+            for lin in (block.attn.qkv, block.attn.out_proj, block.ffn.fc1, block.ffn.fc2):
+                if subln:
+                    nn.init.xavier_normal_(lin.weight)
+                else:
+                    nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+            with torch.no_grad():
+                if subln:
+                    block.attn.qkv.weight[2 * cfg.d_model :].mul_(gamma)  # v rows
+                    for lin in (block.attn.out_proj, block.ffn.fc1, block.ffn.fc2):
+                        lin.weight.mul_(gamma)
+                else:
+                    for lin in (block.attn.out_proj, block.ffn.fc2):
+                        lin.weight.mul_(1 / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"tokens must be (B, N) int64, got {tuple(tokens.shape)} {tokens.dtype}"
+            )
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.drop(self.embed(tokens))
+        for block in self.blocks:
+            x = block(x, positions)
+        return self.lm_head(self.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# size and cost
+
+
+def n_params(config: ModelConfig, embeddings: bool = True) -> int:
+    """Parameter count, built on the meta device (no memory); shared weights counted once."""
+    with torch.device("meta"):
+        model = TransformerLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    return total if embeddings else total - model.embed.weight.numel()
+
+
+def attended_keys(config: ModelConfig, seq_len: int) -> float:
+    """Average number of keys a query attends per head (causal), for the attention type."""
+    if config.attention == "dense":
+        return (seq_len + 1) / 2
+    if config.attention == "sliding":
+        w = min(config.window, seq_len)
+        return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+    if config.attention == "sparse":
+        return sparse_keys_per_query(config.sparse_block, config.sparse_summary, seq_len)
+    return dilated_keys_per_query(
+        config.segment_lengths, config.dilation_rates, seq_len, config.n_head
+    )
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token: 6 per weight used in a matmul (the output
+    layer included), and 12 * d_model per attended key per layer (q.k and p.v, times 3)."""
+    # every weight is used in a matmul once per token, except an untied input embedding
+    untied = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+    dense = 6 * (n_params(config) - untied)
+    attn = 12 * config.n_layer * config.d_model * attended_keys(config, seq_len)
+    return dense + attn

@@ -1,0 +1,139 @@
+"""TransformerLM: causality, equivalences between attention types, configs, size and cost."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from models.transformer import ModelConfig, TransformerLM, flops_per_token, n_params
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
+
+SMALL = dict(vocab_size=64, d_model=32, n_layer=2, n_head=4, d_ff=64)
+PATTERNS = {
+    "dense": {},
+    "dilated": dict(segment_lengths=[8, 16], dilation_rates=[1, 2]),
+    "sparse": dict(sparse_block=8, sparse_summary=2),
+    "sliding": dict(window=8),
+}
+
+
+def small(attention, **kw):
+    return ModelConfig(**SMALL, attention=attention, **{**PATTERNS[attention], **kw})
+
+
+@pytest.mark.parametrize("norm", ["subln", "pre"])
+@pytest.mark.parametrize("attention", list(PATTERNS))
+def test_causal(attention, norm):
+    """d logits[i] / d embedding[j] is exactly zero for every j > i."""
+    torch.manual_seed(0)
+    model = TransformerLM(small(attention, norm=norm))
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["emb"] = output
+
+    model.embed.register_forward_hook(keep)
+    tokens = torch.randint(0, 64, (1, 40))
+    logits = model(tokens)
+    for i in (0, 7, 8, 17, 39):
+        captured["emb"].grad = None
+        logits[0, i].sum().backward(retain_graph=True)
+        grad = captured["emb"].grad[0]
+        assert (grad[i + 1 :] == 0).all(), f"position {i} sees the future"
+        assert grad[i].abs().sum() > 0
+
+
+def test_dilated_single_full_pair_equals_dense():
+    torch.manual_seed(1)
+    dense = TransformerLM(small("dense"))
+    dilated = TransformerLM(small("dilated", segment_lengths=[64], dilation_rates=[1]))
+    dilated.load_state_dict(dense.state_dict())
+    tokens = torch.randint(0, 64, (2, 50))
+    torch.testing.assert_close(dilated(tokens), dense(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_same_parameter_count_for_every_attention():
+    counts = {a: n_params(small(a)) for a in PATTERNS}
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_parameter_count_by_hand():
+    cfg = small("dense")
+    d, f, v, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layer
+    per_layer = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+    norms = 4 * d + 2 * d + 2 * f  # two block norms, Sub-LN inside attention and FFN
+    assert n_params(cfg) == v * d + L * (per_layer + norms) + 2 * d
+    assert n_params(small("dense", norm="pre")) == v * d + L * (per_layer + 4 * d) + 2 * d
+
+
+@pytest.mark.parametrize("attention", list(PATTERNS))
+@pytest.mark.parametrize("n", [1, 3, 33])
+def test_runs_at_any_length(attention, n):
+    model = TransformerLM(small(attention))
+    logits = model(torch.randint(0, 64, (2, n)))
+    assert logits.shape == (2, n, 64) and torch.isfinite(logits).all()
+
+
+def test_flops_order_at_long_context():
+    """At 32K tokens the dense model costs the most, LongNet and its matched sparse about the
+    same; at 2K dense is cheapest-or-close. Attention FLOPs are counted per type."""
+    cfgs = {p.stem: ModelConfig(**OmegaConf.to_container(OmegaConf.load(p))["model"])
+            for p in CONFIGS}  # fmt: skip
+    f = {k: flops_per_token(c, 32768) for k, c in cfgs.items() if k.endswith("_base")}
+    assert f["transformer_base"] > 2 * f["longnet_base"]
+    assert f["sparse_transformer_base"] == pytest.approx(f["longnet_base"], rel=0.01)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_model_yaml_builds_on_meta(path):
+    cfg = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path))["model"])
+    with torch.device("meta"):
+        model = TransformerLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == n_params(cfg)
+
+
+def test_paper_sizes():
+    """Parameter counts of the paper's sizes (vocabulary 32768, tied embeddings)."""
+    sizes = {}
+    for name in ("longnet_base", "longnet_350m", "longnet_760m", "longnet_2_7b"):
+        raw = OmegaConf.load(Path(CONFIGS[0]).parent / f"{name}.yaml")
+        sizes[name] = n_params(ModelConfig.from_dict(OmegaConf.to_container(raw)["model"]))
+    assert 100e6 < sizes["longnet_base"] < 150e6
+    assert 300e6 < sizes["longnet_350m"] < 400e6
+    assert 650e6 < sizes["longnet_760m"] < 800e6
+    assert 2.4e9 < sizes["longnet_2_7b"] < 2.9e9
+
+
+BAD = [
+    (dict(attention="flash"), "attention must be one of"),
+    (dict(position="alibi"), "position must be one of"),
+    (dict(norm="post"), "norm must be one of"),
+    (dict(d_model=30), "divisible by n_head"),
+    (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(dropout=1.5), "dropout must be in"),
+    (dict(segment_lengths=[8, 16], dilation_rates=[2, 2]), "attending nothing"),
+    (dict(segment_lengths=[8], dilation_rates=[1, 2]), "same length"),
+    (dict(attention="sliding", window=0), "window must be a positive integer"),
+    (dict(attention="sparse", sparse_block=4, sparse_summary=8), "at most sparse_block"),
+    (dict(d_model=36, n_head=4, position="rope"), "even head dimension"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_config_is_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**SMALL, **overrides})
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ValueError, match=r"unknown model keys \['n_layers'\]"):
+        ModelConfig.from_dict({**SMALL, "n_layers": 3})
+
+
+def test_bad_tokens_are_rejected():
+    model = TransformerLM(small("dense"))
+    with pytest.raises(ValueError, match="tokens must be"):
+        model(torch.randn(2, 5))
