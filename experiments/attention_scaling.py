@@ -133,11 +133,13 @@ def floor_runs(n, args):
     scale = args.head_dim**-0.5
 
     def fwd():
-        return [attention_forward(q, k, v, True, scale, args.backend) for q, k, v, _ in blocks]
+        return [
+            attention_forward(q, k, v, True, scale, backend=args.backend) for q, k, v, _ in blocks
+        ]
 
     def fwd_bwd():
         for (q, k, v, do), (out, lse) in zip(blocks, fwd(), strict=True):
-            attention_backward(do, q, k, v, out, lse, True, scale, args.backend)
+            attention_backward(do, q, k, v, out, lse, True, scale, backend=args.backend)
 
     with torch.inference_mode():
         floor_fwd, _ = timed(fwd, args.device, args.repeats_for(n))
@@ -202,12 +204,7 @@ def fmt(x, spec=".3f"):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device.type == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # glibc keeps freed blocks below a moving threshold (up to 32 MiB) in its heap, so
-        # the resident set would not show what a run allocates; a fixed threshold makes every
-        # tensor its own mapping, returned on free. Re-run this process with it set.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
     torch.manual_seed(0)
     rows = []
     print(
@@ -331,5 +328,15 @@ def plot(rows, path, args):
     plt.close(fig)
 
 
+def _fixed_mmap_threshold() -> None:
+    """glibc keeps freed blocks below a moving threshold (up to 32 MiB) in its heap, so the
+    resident set would not show what a run allocates; a fixed threshold makes every tensor its
+    own mapping, returned on free. Re-runs this script with it set (command line only)."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 if __name__ == "__main__":
+    _fixed_mmap_threshold()
     main()
