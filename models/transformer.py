@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention.backends import flash_attn_available
 from models.attention.dilated import check_coverage, dilated_attention, validate_schedule
 from models.attention.sliding import check_window, sliding_window_attention
 from models.attention.sparse import (
@@ -133,6 +134,10 @@ class Attention(nn.Module):
             return sparse_attention(q, k, v, cfg.sparse_block, cfg.sparse_summary)
         if cfg.attention == "sliding":
             return sliding_window_attention(q, k, v, cfg.window)
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
+            from flash_attn import flash_attn_func
+
+            return flash_attn_func(q, k, v, causal=True)
         y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
         return y.transpose(1, 2)
 

@@ -1,0 +1,66 @@
+"""DataConfig: every data setting in one place, checked where it enters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from data.sources import SOURCES
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib_code"  # stdlib_code | text_dir | hf
+    path: str | None = None  # text_dir: the directory
+    glob: str = "**/*.txt"  # text_dir: which files, relative to path
+    hf_name: str | None = None  # hf: dataset name, config, split and text field
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    seq_len: int = 2048  # tokens per training window (inputs; targets are shifted by one)
+    batch_size: int = 8
+    num_workers: int = 2
+    vocab_size: int = 8192  # of the byte-level BPE trained on the train split
+    tokenizer_path: str | None = None  # load this tokenizer.json instead of training one
+    cache_dir: str = ".cache/data"
+    val_fraction: float = 0.05  # of documents, assigned by a hash of the document's name
+    test_fraction: float = 0.05
+    seed: int = 1234  # order of training windows
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r} is not one of {SOURCES}")
+        if self.source == "text_dir" and not self.path:
+            raise ValueError("data.source='text_dir' needs data.path (a directory of text files)")
+        for name in ("seq_len", "batch_size", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        if (
+            isinstance(self.num_workers, bool)
+            or not isinstance(self.num_workers, int)
+            or (self.num_workers < 0)
+        ):
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.vocab_size < 257:
+            raise ValueError(f"data.vocab_size must be at least 257 (bytes + end of document), "
+                             f"got {self.vocab_size}")  # fmt: skip
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1), got {value!r}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction must leave documents for training, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown data keys {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

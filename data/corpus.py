@@ -1,0 +1,186 @@
+"""Documents -> splits -> tokenizer -> a token cache on disk, built once per source and settings.
+
+The cache holds, for each split, every document's tokens followed by the end-of-document token,
+as one flat array on disk (``<split>.bin``, uint16 or uint32, read through ``np.memmap``), and
+the start, length and name of every document. Training and evaluation windows are slices of it,
+so data never holds back a model, memory does not grow with the corpus, and any window (hence a
+resume point) is reached in O(1). The cache directory is keyed by the source's content
+fingerprint and every setting that changes the tokens; the tokenizer is saved in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data.config import DataConfig
+from data.sources import documents
+
+log = logging.getLogger(__name__)
+
+EOD = "<|endoftext|>"
+SPLITS = ("train", "val", "test")
+
+
+def split_of(name: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from a hash of the document's name: stable across runs and
+    machines, and a document is in exactly one split."""
+    u = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (every byte is a token, so nothing is ever unknown) with one special
+    token, the end of document."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer file {str(path)!r} does not exist")
+    tok = Tokenizer.from_file(str(path))
+    if tok.token_to_id(EOD) is None:
+        raise ValueError(f"tokenizer {str(path)!r} has no {EOD!r} token")
+    return tok
+
+
+@dataclass
+class Split:
+    """One split of the cache: flat tokens and the documents inside them."""
+
+    tokens: np.ndarray  # (T,) uint16/uint32 memmap: documents, each followed by EOD
+    starts: np.ndarray  # (n_docs,) int64 offset of each document's first token
+    lengths: np.ndarray  # (n_docs,) int64 tokens of each document, EOD excluded
+    names: list[str]
+
+    def document_at(self, offset: int) -> tuple[int, int]:
+        """(document index, position inside it) of flat token ``offset``."""
+        doc = int(np.searchsorted(self.starts, offset, side="right")) - 1
+        return doc, offset - int(self.starts[doc])
+
+
+class Corpus:
+    """The prepared cache of one DataConfig: tokenizer, and the train/val/test splits."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.meta = json.loads((directory / "meta.json").read_text())
+        self.tokenizer = load_tokenizer(directory / "tokenizer.json")
+        self.eod = self.tokenizer.token_to_id(EOD)
+        self._splits: dict[str, Split] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def split(self, name: str) -> Split:
+        if name not in self._splits:
+            index = np.load(self.dir / f"{name}.index.npz")
+            dtype = np.dtype(self.meta["dtype"])
+            size = (self.dir / f"{name}.bin").stat().st_size // dtype.itemsize
+            tokens = (np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=(size,))
+                      if size else np.zeros(0, dtype=dtype))  # fmt: skip
+            names = json.loads((self.dir / f"{name}.names.json").read_text())
+            self._splits[name] = Split(tokens, index["starts"], index["lengths"], names)
+        return self._splits[name]
+
+
+def cache_key(cfg: DataConfig, fingerprint: str) -> str:
+    tok = "trained"
+    if cfg.tokenizer_path:
+        tok = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()[:12]
+    settings = f"{fingerprint}|{cfg.vocab_size}|{tok}|{cfg.val_fraction}|{cfg.test_fraction}"
+    return f"{fingerprint}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
+
+
+def prepare(cfg: DataConfig) -> Corpus:
+    """Returns the corpus of ``cfg``, building its cache first if needed (once per key)."""
+    if cfg.tokenizer_path:
+        load_tokenizer(cfg.tokenizer_path)  # fail now, before reading the corpus
+    docs, fingerprint = documents(cfg)
+    directory = Path(cfg.cache_dir) / cache_key(cfg, fingerprint)
+    if not (directory / "DONE").exists():
+        _build(cfg, docs, directory)
+    return Corpus(directory)
+
+
+def _build(cfg: DataConfig, docs, directory: Path) -> None:
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    split = lambda row: split_of(row["name"], cfg.val_fraction, cfg.test_fraction)  # noqa: E731
+    if cfg.tokenizer_path:
+        tok = load_tokenizer(cfg.tokenizer_path)
+    else:
+        log.info("training a %d-token byte-level BPE on the train split", cfg.vocab_size)
+        tok = train_tokenizer((row["text"] for row in docs if split(row) == "train"),
+                              cfg.vocab_size)  # fmt: skip
+    tok.save(str(tmp / "tokenizer.json"))
+    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
+    eod = tok.token_to_id(EOD)
+    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
+    index = {s: {"starts": [], "lengths": [], "names": []} for s in SPLITS}
+    offsets = dict.fromkeys(SPLITS, 0)
+    batch: list[dict] = []
+
+    def flush():
+        encoded = tok.encode_batch([row["text"] for row in batch])
+        for row, enc in zip(batch, encoded, strict=True):
+            s, ids = split(row), enc.ids
+            files[s].write(np.asarray([*ids, eod], dtype=dtype).tobytes())
+            index[s]["starts"].append(offsets[s])
+            index[s]["lengths"].append(len(ids))
+            index[s]["names"].append(row["name"])
+            offsets[s] += len(ids) + 1
+        batch.clear()
+
+    for row in docs:
+        batch.append(row)
+        if len(batch) == 64:
+            flush()
+    flush()
+    for s in SPLITS:
+        files[s].close()
+        np.savez(tmp / f"{s}.index.npz", starts=np.asarray(index[s]["starts"], dtype=np.int64),
+                 lengths=np.asarray(index[s]["lengths"], dtype=np.int64))  # fmt: skip
+        (tmp / f"{s}.names.json").write_text(json.dumps(index[s]["names"]))
+    if offsets["train"] == 0:
+        raise ValueError(f"the corpus of data.source={cfg.source!r} has no training document "
+                         f"(is it empty? data.path={cfg.path!r})")  # fmt: skip
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": tok.get_vocab_size(),
+        "documents": {s: len(index[s]["names"]) for s in SPLITS},
+        "tokens": offsets,
+        "config": cfg.to_dict(),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "DONE").write_text("")
+    if directory.exists():  # another process finished first: keep its copy
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(directory)

@@ -1,0 +1,95 @@
+"""LongContextDataModule: a source's documents as packed training windows and in-document
+evaluation windows, with a tokenizer trained on the train split, rank- and worker-sharded, and
+resumable mid-epoch (Lightning stores ``state_dict()`` in every checkpoint)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from data.config import DataConfig
+from data.corpus import Corpus, prepare
+from data.windows import DocumentWindows, PackedWindows
+
+
+class LongContextDataModule(L.LightningDataModule):
+    def __init__(self, config: DataConfig | dict):
+        super().__init__()
+        self.config = config if isinstance(config, DataConfig) else DataConfig.from_dict(config)
+        self.corpus: Corpus | None = None
+        self.batches_consumed = 0  # training batches delivered to the model on this rank
+
+    # -- preparation -------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        prepare(self.config)  # builds the cache once (rank 0); a no-op when it exists
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.corpus is None:
+            self.corpus = prepare(self.config)
+
+    @property
+    def vocab_size(self) -> int:
+        self.setup()
+        return self.corpus.vocab_size
+
+    def save_tokenizer(self, directory: str | Path) -> Path:
+        """Copies the tokenizer beside a run's checkpoints, so they always find it."""
+        self.setup()
+        target = Path(directory) / "tokenizer.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.corpus.dir / "tokenizer.json", target)
+        return target
+
+    # -- loaders -----------------------------------------------------------------------------
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataset(self, rank: int | None = None, world_size: int | None = None):
+        self.setup()
+        cfg = self.config
+        if rank is None:
+            rank, world_size = self._rank()
+        return PackedWindows(self.corpus.split("train"), cfg.seq_len, cfg.batch_size,
+                             cfg.num_workers, cfg.seed, rank, world_size,
+                             skip_batches=self.batches_consumed)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        cfg = self.config
+        return DataLoader(self.train_dataset(), batch_size=cfg.batch_size,
+                          num_workers=cfg.num_workers, persistent_workers=False)  # fmt: skip
+
+    def eval_dataset(self, split: str = "val", seq_len: int | None = None):
+        self.setup()
+        return DocumentWindows(self.corpus.split(split), seq_len or self.config.seq_len,
+                               split_name=split)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_dataset("val"), batch_size=self.config.batch_size,
+                          num_workers=self.config.num_workers)  # fmt: skip
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_dataset("test"), batch_size=self.config.batch_size,
+                          num_workers=self.config.num_workers)  # fmt: skip
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # called for the batches the loop actually runs (not the one it prefetches)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.training:
+            self.batches_consumed += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batches_consumed": self.batches_consumed, "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_consumed = int(state["batches_consumed"])
