@@ -22,7 +22,8 @@ from data.corpus import Split
 
 
 class PackedWindows(IterableDataset):
-    """Endless training windows of one rank; yields ``{"input_ids", "labels", "index"}``.
+    """Endless training windows of one rank; yields ``{"input_ids", "labels", "index", "doc",
+    "offset"}`` (the document and offset of the window's first token).
 
     ``skip_batches``: batches this rank's loader already delivered (resume point);
     ``batch_size`` and ``num_workers`` must be those of the DataLoader that iterates it.
@@ -30,7 +31,7 @@ class PackedWindows(IterableDataset):
 
     def __init__(self, split: Split, seq_len: int, batch_size: int, num_workers: int,
                  seed: int, rank: int = 0, world_size: int = 1, skip_batches: int = 0):  # fmt: skip
-        self.tokens, self.seq_len, self.seed = split.tokens, seq_len, seed
+        self.split, self.tokens, self.seq_len, self.seed = split, split.tokens, seq_len, seed
         self.n_windows = (len(split.tokens) - 1) // seq_len
         if self.n_windows < 1:
             raise ValueError(f"the train split has {len(split.tokens)} tokens, fewer than one "
@@ -52,9 +53,12 @@ class PackedWindows(IterableDataset):
         return order[shard :: self.n_shards][:per_shard]
 
     def window(self, i: int) -> dict:
+        """Window i, with the document its first token belongs to and the offset there."""
         start = int(i) * self.seq_len
         chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return {"input_ids": chunk[:-1], "labels": chunk[1:], "index": int(i)}
+        doc, offset = self.split.document_at(start)
+        return {"input_ids": chunk[:-1], "labels": chunk[1:], "index": int(i), "doc": doc,
+                "offset": offset}  # fmt: skip
 
     def __iter__(self):
         info = get_worker_info()

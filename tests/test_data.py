@@ -103,6 +103,8 @@ def test_training_windows_are_shifted_and_inside_the_stream(corpus):
         i = item["index"]
         assert torch.equal(item["input_ids"], flat[i * 16 : i * 16 + 16])
         assert torch.equal(item["labels"], flat[i * 16 + 1 : i * 16 + 17])
+        doc, off = item["doc"], item["offset"]
+        assert split.starts[doc] + off == i * 16 and off <= split.lengths[doc]
     assert (ds.n_windows - 1) * 16 + 17 <= len(flat)
 
 
