@@ -1,0 +1,1 @@
+"""Lightning side of the project: the LightningModule, run configuration and run assembly."""

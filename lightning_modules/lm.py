@@ -1,0 +1,141 @@
+"""CausalLM: any ModelConfig trained as a causal language model.
+
+Loss is token-level cross-entropy in float32. Validation perplexity is
+``exp(sum of NLL / number of tokens)`` with both sums kept in float64 and reduced across ranks:
+never a mean of per-batch perplexities. AdamW decays only weights of two or more dimensions;
+the learning rate warms up linearly, then decays polynomially (the paper's schedule) or by a
+cosine, both sized from ``trainer.max_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from models.transformer import ModelConfig, TransformerLM
+
+SCHEDULES = ("polynomial", "cosine", "constant")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, power: float,
+              min_ratio: float) -> float:  # fmt: skip
+    """Multiplier of the peak learning rate at ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        decay = (1 - progress) ** power
+    return min_ratio + (1 - min_ratio) * decay
+
+
+class CausalLM(L.LightningModule):
+    def __init__(self, model: dict, optim: dict | None = None, run_config: dict | None = None):
+        """``model``: ModelConfig fields; ``optim``: optimiser settings; ``run_config``: the
+        whole resolved run config, kept only so that it travels in every checkpoint."""
+        super().__init__()
+        self.save_hyperparameters()  # load_from_checkpoint rebuilds from these alone
+        self.config = ModelConfig.from_dict(model)
+        self.model = TransformerLM(self.config)
+        self.optim = {"lr": 6e-4, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.01,
+                      "warmup_steps": 0, "schedule": "polynomial", "power": 1.0,
+                      "min_lr_ratio": 0.0, **(optim or {})}  # fmt: skip
+        if self.optim["schedule"] not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, "
+                             f"got {self.optim['schedule']!r}")  # fmt: skip
+        self._step_start: float | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def nll(self, batch: dict) -> torch.Tensor:
+        """Per-token negative log-likelihood ``(B, N)`` in float32."""
+        logits = self.model(batch["input_ids"])
+        flat = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+                               reduction="none")  # fmt: skip
+        return flat.view_as(batch["labels"])
+
+    # -- training ----------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.nll(batch).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._step_start is None:
+            return
+        seconds = time.perf_counter() - self._step_start
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / seconds, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/peak_mem_gb", self._peak_memory_gb())
+
+    def _peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    # -- validation: sums, not means ---------------------------------------------------------
+
+    def on_validation_epoch_start(self):
+        self._nll_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        nll = self.nll(batch)
+        self._nll_sum += nll.double().sum()
+        self._tokens += nll.numel()
+
+    def on_validation_epoch_end(self):
+        nll_sum = self.trainer.strategy.reduce(self._nll_sum, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._tokens, reduce_op="sum")
+        loss = nll_sum / tokens.clamp(min=1)
+        self.log("val/loss", loss.float(), sync_dist=False, prog_bar=True)
+        self.log("val/ppl", loss.exp().float(), sync_dist=False, prog_bar=True)
+        self.log("val/tokens", tokens.float(), sync_dist=False)
+
+    # -- optimiser ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+        )  # fmt: skip
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda step: lr_factor(step, o["warmup_steps"], total, o["schedule"], o["power"],
+                                   o["min_lr_ratio"]),  # fmt: skip
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- exact resume: the RNG too ------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
