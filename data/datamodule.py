@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from data.config import DataConfig
@@ -47,7 +48,7 @@ class LongContextDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------
 
     def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         if trainer is None:
             return 0, 1
         return trainer.global_rank, trainer.world_size
@@ -61,10 +62,16 @@ class LongContextDataModule(L.LightningDataModule):
                              cfg.num_workers, cfg.seed, rank, world_size,
                              skip_batches=self.batches_consumed)  # fmt: skip
 
+    def _loader(self, dataset) -> DataLoader:
+        # A loader draws its workers' base seed from its generator when an iterator starts; a
+        # private one keeps that draw off the global RNG, which dropout uses: otherwise a
+        # validation pass, or the loader a resumed run makes, would shift every later mask.
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return DataLoader(dataset, batch_size=self.config.batch_size,
+                          num_workers=self.config.num_workers, generator=generator)  # fmt: skip
+
     def train_dataloader(self) -> DataLoader:
-        cfg = self.config
-        return DataLoader(self.train_dataset(), batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers, persistent_workers=False)  # fmt: skip
+        return self._loader(self.train_dataset())
 
     def eval_dataset(self, split: str = "val", seq_len: int | None = None):
         self.setup()
@@ -72,18 +79,16 @@ class LongContextDataModule(L.LightningDataModule):
                                split_name=split)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.eval_dataset("val"), batch_size=self.config.batch_size,
-                          num_workers=self.config.num_workers)  # fmt: skip
+        return self._loader(self.eval_dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.eval_dataset("test"), batch_size=self.config.batch_size,
-                          num_workers=self.config.num_workers)  # fmt: skip
+        return self._loader(self.eval_dataset("test"))
 
     # -- resume ------------------------------------------------------------------------------
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # called for the batches the loop actually runs (not the one it prefetches)
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         if trainer is not None and trainer.training:
             self.batches_consumed += 1
         return batch

@@ -101,8 +101,8 @@ def build(cfg: DictConfig):
     callbacks = [ModelCheckpoint(dirpath=checkpoint_dir(cfg), save_last=True, save_top_k=-1,
                                  every_n_train_steps=cfg.checkpoint.every_n_steps,
                                  filename="step{step:07d}", auto_insert_metric_name=False)]  # fmt: skip
-    loggers = [CSVLogger(run_dir, name="logs", version=""),
-               TensorBoardLogger(run_dir, name="tensorboard", version="")]  # fmt: skip
+    # a new version_N per launch, so a resumed run adds its logs beside the earlier ones
+    loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(cfg)
     trainer = L.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,

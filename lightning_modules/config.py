@@ -87,7 +87,9 @@ def _check_type(key, default, value, origin) -> None:
 
 def _parse_override(item: str) -> DictConfig:
     if "=" not in item or item.startswith("="):
-        raise ConfigError(f"override {item!r} must look like key=value (e.g. trainer.max_steps=100)")
+        raise ConfigError(
+            f"override {item!r} must look like key=value (e.g. trainer.max_steps=100)"
+        )
     try:
         return OmegaConf.from_dotlist([item])
     except yaml.YAMLError:  # not YAML (a glob such as *.txt): take the value as a string

@@ -47,7 +47,7 @@ class CausalLM(L.LightningModule):
         self.model = TransformerLM(self.config)
         self.optim = {"lr": 6e-4, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.01,
                       "warmup_steps": 0, "schedule": "polynomial", "power": 1.0,
-                      "min_lr_ratio": 0.0, **(optim or {})}  # fmt: skip
+                      "min_lr_ratio": 0.0, "total_steps": None, **(optim or {})}  # fmt: skip
         if self.optim["schedule"] not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, "
                              f"got {self.optim['schedule']!r}")  # fmt: skip
@@ -118,11 +118,14 @@ class CausalLM(L.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
         )  # fmt: skip
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
+        total = o["total_steps"] or (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
-            lambda step: lr_factor(step, o["warmup_steps"], total, o["schedule"], o["power"],
-                                   o["min_lr_ratio"]),  # fmt: skip
+            lambda step: lr_factor(
+                step, o["warmup_steps"], total, o["schedule"], o["power"], o["min_lr_ratio"]
+            ),  # fmt: skip
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -1,0 +1,138 @@
+"""train.py end to end, in process: every attention type, exact resume, config rules, errors."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.config import ConfigError, load_config
+from lightning_modules.lm import CausalLM, lr_factor
+from tests.test_data import write_corpus
+from train import train
+
+TINY = [
+    "data.source=text_dir", "data.glob=*.txt", "data.vocab_size=300", "data.seq_len=32",
+    "data.batch_size=2", "data.num_workers=0", "data.val_fraction=0.2", "data.test_fraction=0.2",
+    "model.d_model=32", "model.n_layer=2", "model.d_ff=64", "model.n_head=4",
+    "model.segment_lengths=[8,16]", "model.dilation_rates=[1,2]", "model.window=8",
+    "model.sparse_block=8", "model.sparse_summary=2", "model.dropout=0.1",
+    "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "checkpoint.every_n_steps=4", "optim.warmup_steps=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_corpus(root / "corpus")
+    return root
+
+
+def args(corpus, run, *extra):
+    return [*TINY, f"data.path={corpus / 'corpus'}", f"data.cache_dir={corpus / 'cache'}",
+            f"run_dir={run}", *extra]  # fmt: skip
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for f in sorted((run / "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(f.read_text().splitlines()):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+@pytest.mark.parametrize("attention", ["dilated", "dense", "sparse", "sliding"])
+def test_smoke_every_attention(corpus, tmp_path, attention):
+    run = tmp_path / attention
+    trainer = train(args(corpus, run, f"model.attention={attention}", "trainer.max_steps=4"))
+    assert trainer.global_step == 4
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "config.yaml").exists() and (run / "tokenizer.json").exists()
+    assert torch.isfinite(torch.tensor(trainer.callback_metrics["val/ppl"]))
+    module = CausalLM.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert module.config.attention == attention
+    assert module.hparams.run_config["model"]["attention"] == attention
+
+
+def test_resume_gives_the_same_losses(corpus, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(args(corpus, straight, "trainer.max_steps=8"))
+    # the first leg stops early, as a killed run would; the schedule still plans for 8 steps
+    train(args(corpus, split, "trainer.max_steps=4", "optim.total_steps=8"))
+    train(args(corpus, split, "trainer.max_steps=8", "resume=auto"))
+    a, b = losses(straight), losses(split)
+    assert sorted(a) == sorted(b) == list(range(8))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def test_merge_order(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("seed: 1\nmodel:\n  n_layer: 3\n")
+    second.write_text("seed: 2\n")
+    cfg = load_config([str(first), str(second)], ["seed=3"])
+    assert (cfg.seed, cfg.model.n_layer, cfg.model.d_model) == (3, 3, 256)
+    assert load_config([str(first), str(second)]).seed == 2
+
+
+@pytest.mark.parametrize(
+    "files,overrides,message",
+    [
+        (["/nonexistent.yaml"], [], "does not exist"),
+        ([], ["model.n_layers=3"], "unknown key model.n_layers .* did you mean model.n_layer"),
+        ([], ["trainer.max_step=3"], "did you mean trainer.max_steps"),
+        ([], ["model.n_layer=three"], "model.n_layer .* must be int"),
+        ([], ["model.dropout=true"], "must be float"),
+        ([], ["seed"], "key=value"),
+    ],
+)
+def test_config_errors(files, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(files, overrides)
+
+
+def test_yaml_that_does_not_parse(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_config([str(bad)])
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["resume=/nonexistent.ckpt"], "does not exist"),
+        (["model.vocab_size=999"], "does not match the tokenizer"),
+        (["model.attention=dense", "data.seq_len=200000", "trainer.max_steps=1"],
+         "XPOS scales reach"),
+        (["model.attention=sliding", "model.window=0"], "window must be a positive integer"),
+    ],
+)  # fmt: skip
+def test_bad_runs_fail_before_training(corpus, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        train(args(corpus, tmp_path / "run", *extra))
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(args(corpus, run, "trainer.max_steps=2"))
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(args(corpus, run, "trainer.max_steps=2"))
+    not_ckpt = tmp_path / "x.ckpt"
+    not_ckpt.write_text("hello")
+    with pytest.raises(ConfigError, match="is not a PyTorch checkpoint"):
+        train(args(corpus, run, f"resume={not_ckpt}"))
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_lr_schedule_shapes():
+    assert lr_factor(0, 10, 100, "polynomial", 1.0, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "polynomial", 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, "polynomial", 1.0, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, "cosine", 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 10, 100, "constant", 1.0, 0.0) == 1.0
