@@ -42,8 +42,10 @@ class DataConfig:
         ):
             raise ValueError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
         if self.vocab_size < 257:
-            raise ValueError(f"data.vocab_size must be at least 257 (bytes + end of document), "
-                             f"got {self.vocab_size}")  # fmt: skip
+            raise ValueError(
+                f"data.vocab_size must be at least 257 (bytes + end of document), "
+                f"got {self.vocab_size}"
+            )
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

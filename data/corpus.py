@@ -102,8 +102,11 @@ class Corpus:
             index = np.load(self.dir / f"{name}.index.npz")
             dtype = np.dtype(self.meta["dtype"])
             size = (self.dir / f"{name}.bin").stat().st_size // dtype.itemsize
-            tokens = (np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=(size,))
-                      if size else np.zeros(0, dtype=dtype))  # fmt: skip
+            tokens = (
+                np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=(size,))
+                if size
+                else np.zeros(0, dtype=dtype)
+            )
             names = json.loads((self.dir / f"{name}.names.json").read_text())
             self._splits[name] = Split(tokens, index["starts"], index["lengths"], names)
         return self._splits[name]
@@ -137,8 +140,9 @@ def _build(cfg: DataConfig, docs, directory: Path) -> None:
         tok = load_tokenizer(cfg.tokenizer_path)
     else:
         log.info("training a %d-token byte-level BPE on the train split", cfg.vocab_size)
-        tok = train_tokenizer((row["text"] for row in docs if split(row) == "train"),
-                              cfg.vocab_size)  # fmt: skip
+        tok = train_tokenizer(
+            (row["text"] for row in docs if split(row) == "train"), cfg.vocab_size
+        )
     tok.save(str(tmp / "tokenizer.json"))
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
     eod = tok.token_to_id(EOD)
@@ -165,12 +169,17 @@ def _build(cfg: DataConfig, docs, directory: Path) -> None:
     flush()
     for s in SPLITS:
         files[s].close()
-        np.savez(tmp / f"{s}.index.npz", starts=np.asarray(index[s]["starts"], dtype=np.int64),
-                 lengths=np.asarray(index[s]["lengths"], dtype=np.int64))  # fmt: skip
+        np.savez(
+            tmp / f"{s}.index.npz",
+            starts=np.asarray(index[s]["starts"], dtype=np.int64),
+            lengths=np.asarray(index[s]["lengths"], dtype=np.int64),
+        )
         (tmp / f"{s}.names.json").write_text(json.dumps(index[s]["names"]))
     if offsets["train"] == 0:
-        raise ValueError(f"the corpus of data.source={cfg.source!r} has no training document "
-                         f"(is it empty? data.path={cfg.path!r})")  # fmt: skip
+        raise ValueError(
+            f"the corpus of data.source={cfg.source!r} has no training document "
+            f"(is it empty? data.path={cfg.path!r})"
+        )
     meta = {
         "dtype": np.dtype(dtype).name,
         "vocab_size": tok.get_vocab_size(),

@@ -58,25 +58,37 @@ class LongContextDataModule(L.LightningDataModule):
         cfg = self.config
         if rank is None:
             rank, world_size = self._rank()
-        return PackedWindows(self.corpus.split("train"), cfg.seq_len, cfg.batch_size,
-                             cfg.num_workers, cfg.seed, rank, world_size,
-                             skip_batches=self.batches_consumed)  # fmt: skip
+        return PackedWindows(
+            self.corpus.split("train"),
+            cfg.seq_len,
+            cfg.batch_size,
+            cfg.num_workers,
+            cfg.seed,
+            rank,
+            world_size,
+            skip_batches=self.batches_consumed,
+        )
 
     def _loader(self, dataset) -> DataLoader:
         # A loader draws its workers' base seed from its generator when an iterator starts; a
         # private one keeps that draw off the global RNG, which dropout uses: otherwise a
         # validation pass, or the loader a resumed run makes, would shift every later mask.
         generator = torch.Generator().manual_seed(self.config.seed)
-        return DataLoader(dataset, batch_size=self.config.batch_size,
-                          num_workers=self.config.num_workers, generator=generator)  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            num_workers=self.config.num_workers,
+            generator=generator,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset())
 
     def eval_dataset(self, split: str = "val", seq_len: int | None = None):
         self.setup()
-        return DocumentWindows(self.corpus.split(split), seq_len or self.config.seq_len,
-                               split_name=split)  # fmt: skip
+        return DocumentWindows(
+            self.corpus.split(split), seq_len or self.config.seq_len, split_name=split
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("val"))

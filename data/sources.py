@@ -146,8 +146,10 @@ def _hf_documents(name, config, split, text_field) -> Iterator[dict]:
     ds = datasets.load_dataset(name, config, split=split, streaming=True)
     for i, row in enumerate(ds):
         if text_field not in row:
-            raise ValueError(f"data.hf_text_field={text_field!r} is not a field of {name}: "
-                             f"fields are {sorted(row)}")  # fmt: skip
+            raise ValueError(
+                f"data.hf_text_field={text_field!r} is not a field of {name}: "
+                f"fields are {sorted(row)}"
+            )
         yield {"name": str(row.get("id", row.get("path", f"{split}/{i}"))), "text": row[text_field]}
 
 
@@ -186,9 +188,13 @@ def documents(cfg) -> tuple[datasets.IterableDataset, str]:
             )
         gen = datasets.IterableDataset.from_generator(
             _hf_documents,
-            gen_kwargs={"name": cfg.hf_name, "config": cfg.hf_config, "split": cfg.hf_split,
-                        "text_field": cfg.hf_text_field},
-        )  # fmt: skip
+            gen_kwargs={
+                "name": cfg.hf_name,
+                "config": cfg.hf_config,
+                "split": cfg.hf_split,
+                "text_field": cfg.hf_text_field,
+            },
+        )
         key = f"{cfg.hf_name}:{cfg.hf_config}:{cfg.hf_split}:{cfg.hf_text_field}"
         return gen, "hf-" + hashlib.sha256(key.encode()).hexdigest()[:16]
     raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}")

@@ -29,13 +29,24 @@ class PackedWindows(IterableDataset):
     ``batch_size`` and ``num_workers`` must be those of the DataLoader that iterates it.
     """
 
-    def __init__(self, split: Split, seq_len: int, batch_size: int, num_workers: int,
-                 seed: int, rank: int = 0, world_size: int = 1, skip_batches: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        split: Split,
+        seq_len: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_batches: int = 0,
+    ):
         self.split, self.tokens, self.seq_len, self.seed = split, split.tokens, seq_len, seed
         self.n_windows = (len(split.tokens) - 1) // seq_len
         if self.n_windows < 1:
-            raise ValueError(f"the train split has {len(split.tokens)} tokens, fewer than one "
-                             f"window of data.seq_len + 1 = {seq_len + 1}")  # fmt: skip
+            raise ValueError(
+                f"the train split has {len(split.tokens)} tokens, fewer than one "
+                f"window of data.seq_len + 1 = {seq_len + 1}"
+            )
         self.batch_size, self.workers = batch_size, max(1, num_workers)
         self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
         self.n_shards = world_size * self.workers
@@ -57,15 +68,21 @@ class PackedWindows(IterableDataset):
         start = int(i) * self.seq_len
         chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         doc, offset = self.split.document_at(start)
-        return {"input_ids": chunk[:-1], "labels": chunk[1:], "index": int(i), "doc": doc,
-                "offset": offset}  # fmt: skip
+        return {
+            "input_ids": chunk[:-1],
+            "labels": chunk[1:],
+            "index": int(i),
+            "doc": doc,
+            "offset": offset,
+        }
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.workers:
-            raise ValueError(f"PackedWindows built for {self.workers} workers, iterated by "
-                             f"{info.num_workers}")  # fmt: skip
+            raise ValueError(
+                f"PackedWindows built for {self.workers} workers, iterated by {info.num_workers}"
+            )
         shard = self.rank * self.workers + worker
         # batches of this worker already delivered: those b < skip with b % workers == worker
         done = max(0, -(-(self.skip_batches - worker) // self.workers))
@@ -83,8 +100,9 @@ class DocumentWindows(Dataset):
     """Disjoint windows of ``seq_len + 1`` tokens inside documents of at least ``min_tokens``
     tokens (default: one window); each item knows its document and offset."""
 
-    def __init__(self, split: Split, seq_len: int, min_tokens: int | None = None,
-                 split_name: str = "val"):  # fmt: skip
+    def __init__(
+        self, split: Split, seq_len: int, min_tokens: int | None = None, split_name: str = "val"
+    ):
         self.tokens, self.seq_len, self.names = split.tokens, seq_len, split.names
         need = max(seq_len + 1, min_tokens or 0)
         docs, offsets = [], []
@@ -110,5 +128,9 @@ class DocumentWindows(Dataset):
     def __getitem__(self, i: int) -> dict:
         start = int(self.starts[self.doc[i]] + self.offset[i])
         chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return {"input_ids": chunk[:-1], "labels": chunk[1:], "doc": int(self.doc[i]),
-                "offset": int(self.offset[i])}  # fmt: skip
+        return {
+            "input_ids": chunk[:-1],
+            "labels": chunk[1:],
+            "doc": int(self.doc[i]),
+            "offset": int(self.offset[i]),
+        }

@@ -43,15 +43,23 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--cache-dir", default=".cache/data")
     args = p.parse_args(argv)
-    base = dict(source=args.source, path=args.path, seq_len=args.seq_len,
-                batch_size=args.batch_size, vocab_size=args.vocab_size,
-                cache_dir=args.cache_dir)  # fmt: skip
+    base = dict(
+        source=args.source,
+        path=args.path,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        vocab_size=args.vocab_size,
+        cache_dir=args.cache_dir,
+    )
     start = time.perf_counter()
     module = LongContextDataModule(DataConfig(**base))
     module.setup()
     meta = module.corpus.meta
-    print(f"corpus ready in {time.perf_counter() - start:.1f}s: {meta['documents']} documents, "
-          f"{meta['tokens']} tokens, vocab {meta['vocab_size']}", flush=True)  # fmt: skip
+    print(
+        f"corpus ready in {time.perf_counter() - start:.1f}s: {meta['documents']} documents, "
+        f"{meta['tokens']} tokens, vocab {meta['vocab_size']}",
+        flush=True,
+    )
     print("| workers | seq_len | batch | tokens/s |\n|---|---|---|---|")
     for w in args.workers:
         rate = measure(DataConfig(**base, num_workers=w), args.batches)

@@ -93,8 +93,10 @@ def main(argv=None):
         for n in args.lengths:
             cells += [f"{r[f'gflops_per_token@{n}']:.3f}", f"{r[f'fwd_bwd_s@{n}']:.2f}"]
         print("| " + " | ".join(cells) + " |")
-    print(f"device={device} dtype={str(dtype)[6:]} threads={torch.get_num_threads()}, "
-          f"median of {args.repeats}; wrote {args.out / 'model_cost.csv'}")  # fmt: skip
+    print(
+        f"device={device} dtype={str(dtype)[6:]} threads={torch.get_num_threads()}, "
+        f"median of {args.repeats}; wrote {args.out / 'model_cost.csv'}"
+    )
 
 
 if __name__ == "__main__":

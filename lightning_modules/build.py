@@ -36,8 +36,10 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     last = checkpoint_dir(cfg) / "last.ckpt"
     if cfg.resume is None:
         if last.exists():
-            raise ConfigError(f"run_dir={cfg.run_dir!r} already holds checkpoints; pass "
-                              "resume=auto to continue it, or choose another run_dir")  # fmt: skip
+            raise ConfigError(
+                f"run_dir={cfg.run_dir!r} already holds checkpoints; pass "
+                "resume=auto to continue it, or choose another run_dir"
+            )
         return None
     if cfg.resume == "auto":
         return str(last) if last.exists() else None
@@ -56,8 +58,10 @@ def check_checkpoint(path: str | Path) -> dict:
         raise ConfigError(f"{str(path)!r} is not a PyTorch checkpoint: {err}") from err
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "model" not in hparams or "state_dict" not in ckpt:
-        raise ConfigError(f"{str(path)!r} is not a checkpoint of this project (no model config "
-                          "in its hyper_parameters)")  # fmt: skip
+        raise ConfigError(
+            f"{str(path)!r} is not a checkpoint of this project (no model config "
+            "in its hyper_parameters)"
+        )
     return ckpt
 
 
@@ -67,8 +71,10 @@ def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     if raw["vocab_size"] is None:
         raw["vocab_size"] = vocab_size
     elif raw["vocab_size"] != vocab_size:
-        raise ConfigError(f"model.vocab_size={raw['vocab_size']} does not match the tokenizer's "
-                          f"{vocab_size} tokens; set model.vocab_size=null to follow it")  # fmt: skip
+        raise ConfigError(
+            f"model.vocab_size={raw['vocab_size']} does not match the tokenizer's "
+            f"{vocab_size} tokens; set model.vocab_size=null to follow it"
+        )
     try:
         mc = ModelConfig.from_dict(raw)
     except ValueError as err:
@@ -77,11 +83,13 @@ def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
         with torch.device("meta"):
             anchor = TransformerLM(mc).blocks[0].attn.anchor
         try:
-            xpos_log_scale(torch.arange(cfg.data.seq_len), mc.d_model // mc.n_head,
-                           mc.xpos_scale_base, anchor)  # fmt: skip
+            xpos_log_scale(
+                torch.arange(cfg.data.seq_len), mc.d_model // mc.n_head, mc.xpos_scale_base, anchor
+            )
         except ValueError as err:
-            raise ConfigError(f"data.seq_len={cfg.data.seq_len} with model.attention="
-                              f"{mc.attention}: {err}") from err  # fmt: skip
+            raise ConfigError(
+                f"data.seq_len={cfg.data.seq_len} with model.attention={mc.attention}: {err}"
+            ) from err
     return mc
 
 
@@ -98,15 +106,23 @@ def build(cfg: DictConfig):
     plain = OmegaConf.to_container(cfg, resolve=True)
     module = CausalLM(mc.to_dict(), dict(plain["optim"]), run_config=plain)
     run_dir = Path(cfg.run_dir)
-    callbacks = [ModelCheckpoint(dirpath=checkpoint_dir(cfg), save_last=True, save_top_k=-1,
-                                 every_n_train_steps=cfg.checkpoint.every_n_steps,
-                                 filename="step{step:07d}", auto_insert_metric_name=False)]  # fmt: skip
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir(cfg),
+            save_last=True,
+            save_top_k=-1,
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+        )
+    ]
     # a new version_N per launch, so a resumed run adds its logs beside the earlier ones
     loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(cfg)
-    trainer = L.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
-                        **trainer_args)  # fmt: skip
+    trainer = L.Trainer(
+        default_root_dir=run_dir, logger=loggers, callbacks=callbacks, **trainer_args
+    )
     return trainer, module, datamodule, ckpt_path
 
 

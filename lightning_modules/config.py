@@ -59,8 +59,10 @@ def _check_keys(schema: dict, update: DictConfig, origin: str) -> None:
                 if tkey not in TRAINER_KEYS:
                     close = difflib.get_close_matches(tkey, TRAINER_KEYS, n=1)
                     hint = f"; did you mean trainer.{close[0]}?" if close else ""
-                    raise ConfigError(f"unknown key trainer.{tkey} in {origin}: not an "
-                                      f"argument of lightning.Trainer{hint}")  # fmt: skip
+                    raise ConfigError(
+                        f"unknown key trainer.{tkey} in {origin}: not an "
+                        f"argument of lightning.Trainer{hint}"
+                    )
             continue
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema), n=1)
@@ -81,8 +83,10 @@ def _check_type(key, default, value, origin) -> None:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"{key} in {origin} must be {type(default).__name__} like its default "
-                          f"{default!r}, got {value!r} ({type(value).__name__})")  # fmt: skip
+        raise ConfigError(
+            f"{key} in {origin} must be {type(default).__name__} like its default "
+            f"{default!r}, got {value!r} ({type(value).__name__})"
+        )
 
 
 def _parse_override(item: str) -> DictConfig:

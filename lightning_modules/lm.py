@@ -22,8 +22,9 @@ from models.transformer import ModelConfig, TransformerLM
 SCHEDULES = ("polynomial", "cosine", "constant")
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str, power: float,
-              min_ratio: float) -> float:  # fmt: skip
+def lr_factor(
+    step: int, warmup: int, total: int, schedule: str, power: float, min_ratio: float
+) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based)."""
     if step < warmup:
         return (step + 1) / warmup
@@ -45,12 +46,22 @@ class CausalLM(L.LightningModule):
         self.save_hyperparameters()  # load_from_checkpoint rebuilds from these alone
         self.config = ModelConfig.from_dict(model)
         self.model = TransformerLM(self.config)
-        self.optim = {"lr": 6e-4, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.01,
-                      "warmup_steps": 0, "schedule": "polynomial", "power": 1.0,
-                      "min_lr_ratio": 0.0, "total_steps": None, **(optim or {})}  # fmt: skip
+        self.optim = {
+            "lr": 6e-4,
+            "betas": (0.9, 0.98),
+            "eps": 1e-8,
+            "weight_decay": 0.01,
+            "warmup_steps": 0,
+            "schedule": "polynomial",
+            "power": 1.0,
+            "min_lr_ratio": 0.0,
+            "total_steps": None,
+            **(optim or {}),
+        }
         if self.optim["schedule"] not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, "
-                             f"got {self.optim['schedule']!r}")  # fmt: skip
+            raise ValueError(
+                f"optim.schedule must be one of {SCHEDULES}, got {self.optim['schedule']!r}"
+            )
         self._step_start: float | None = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -59,8 +70,9 @@ class CausalLM(L.LightningModule):
     def nll(self, batch: dict) -> torch.Tensor:
         """Per-token negative log-likelihood ``(B, N)`` in float32."""
         logits = self.model(batch["input_ids"])
-        flat = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                               reduction="none")  # fmt: skip
+        flat = F.cross_entropy(
+            logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none"
+        )
         return flat.view_as(batch["labels"])
 
     # -- training ----------------------------------------------------------------------------
@@ -114,10 +126,14 @@ class CausalLM(L.LightningModule):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-        )  # fmt: skip
+            [
+                {"params": decay, "weight_decay": o["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+            eps=o["eps"],
+        )
         total = o["total_steps"] or (
             self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
         )
@@ -125,7 +141,7 @@ class CausalLM(L.LightningModule):
             opt,
             lambda step: lr_factor(
                 step, o["warmup_steps"], total, o["schedule"], o["power"], o["min_lr_ratio"]
-            ),  # fmt: skip
+            ),
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -63,8 +63,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, allowed in (("attention", ATTENTIONS), ("position", POSITIONS),
-                              ("norm", NORMS)):  # fmt: skip
+        for name, allowed in (("attention", ATTENTIONS), ("position", POSITIONS), ("norm", NORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.d_model % self.n_head:
@@ -79,8 +78,9 @@ class ModelConfig:
         if self.xpos_scale_base <= 0 or self.rope_base <= 0:
             raise ValueError("xpos_scale_base and rope_base must be positive")
         if self.attention == "dilated":
-            check_coverage(validate_schedule(self.segment_lengths, self.dilation_rates),
-                           self.n_head)  # fmt: skip
+            check_coverage(
+                validate_schedule(self.segment_lengths, self.dilation_rates), self.n_head
+            )
         elif self.attention == "sliding":
             check_window(self.window)
         elif self.attention == "sparse":

@@ -46,9 +46,18 @@ def config(tmp_path, **kw) -> DataConfig:
     corpus = tmp_path / "corpus"
     if not corpus.exists():
         write_corpus(corpus)
-    base = dict(source="text_dir", path=str(corpus), glob="*.txt", vocab_size=300, seq_len=16,
-                batch_size=2, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                val_fraction=0.2, test_fraction=0.2)  # fmt: skip
+    base = dict(
+        source="text_dir",
+        path=str(corpus),
+        glob="*.txt",
+        vocab_size=300,
+        seq_len=16,
+        batch_size=2,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -64,8 +73,11 @@ def corpus(tmp_path):
 def test_splits_are_disjoint_and_stable(tmp_path, corpus):
     names = {s: set(corpus.split(s).names) for s in ("train", "val", "test")}
     assert names["train"] and names["val"] and names["test"]
-    assert not (names["train"] & names["val"] or names["train"] & names["test"]
-                or names["val"] & names["test"])  # fmt: skip
+    assert not (
+        names["train"] & names["val"]
+        or names["train"] & names["test"]
+        or names["val"] & names["test"]
+    )
     assert sum(len(v) for v in names.values()) == 60
     for s, members in names.items():  # the split is a function of the name alone
         assert all(split_of(n, 0.2, 0.2) == s for n in members)
@@ -137,8 +149,11 @@ def test_shards_of_two_ranks_and_two_workers_are_disjoint_and_cover(corpus):
     split = corpus.split("train")
     shards = [PackedWindows(split, 8, 2, 2, seed=3, rank=r, world_size=2) for r in range(2)]
     for epoch in (0, 1):
-        seen = [set(ds.shard_indices(r * 2 + w, epoch).tolist())
-                for r, ds in enumerate(shards) for w in range(2)]  # fmt: skip
+        seen = [
+            set(ds.shard_indices(r * 2 + w, epoch).tolist())
+            for r, ds in enumerate(shards)
+            for w in range(2)
+        ]
         union = set().union(*seen)
         assert sum(len(s) for s in seen) == len(union)  # disjoint
         assert len(set(range(shards[0].n_windows)) - union) < 4 * 2  # all but a remainder

@@ -56,8 +56,12 @@ def check_against(fn, mask, B, N, H, D, seed=0):
 def test_sliding_matches_masked_dense(B, N, window):
     check_against(
         lambda q, k, v: sliding_window_attention(q, k, v, window),
-        sliding_mask(N, window), B, N, 3, 8,
-    )  # fmt: skip
+        sliding_mask(N, window),
+        B,
+        N,
+        3,
+        8,
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,8 +71,12 @@ def test_sliding_matches_masked_dense(B, N, window):
 def test_sparse_matches_masked_dense(B, N, block, summary):
     check_against(
         lambda q, k, v: sparse_attention(q, k, v, block, summary),
-        sparse_mask(N, block, summary), B, N, 3, 8,
-    )  # fmt: skip
+        sparse_mask(N, block, summary),
+        B,
+        N,
+        3,
+        8,
+    )
 
 
 @pytest.mark.parametrize("block,summary,n", [(16, 4, 64), (16, 4, 70), (5, 2, 23)])

@@ -12,15 +12,32 @@ from tests.test_data import write_corpus
 from train import train
 
 TINY = [
-    "data.source=text_dir", "data.glob=*.txt", "data.vocab_size=300", "data.seq_len=32",
-    "data.batch_size=2", "data.num_workers=0", "data.val_fraction=0.2", "data.test_fraction=0.2",
-    "model.d_model=32", "model.n_layer=2", "model.d_ff=64", "model.n_head=4",
-    "model.segment_lengths=[8,16]", "model.dilation_rates=[1,2]", "model.window=8",
-    "model.sparse_block=8", "model.sparse_summary=2", "model.dropout=0.1",
-    "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "checkpoint.every_n_steps=4", "optim.warmup_steps=2",
-]  # fmt: skip
+    "data.source=text_dir",
+    "data.glob=*.txt",
+    "data.vocab_size=300",
+    "data.seq_len=32",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.val_fraction=0.2",
+    "data.test_fraction=0.2",
+    "model.d_model=32",
+    "model.n_layer=2",
+    "model.d_ff=64",
+    "model.n_head=4",
+    "model.segment_lengths=[8,16]",
+    "model.dilation_rates=[1,2]",
+    "model.window=8",
+    "model.sparse_block=8",
+    "model.sparse_summary=2",
+    "model.dropout=0.1",
+    "trainer.val_check_interval=4",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "checkpoint.every_n_steps=4",
+    "optim.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +48,13 @@ def corpus(tmp_path_factory):
 
 
 def args(corpus, run, *extra):
-    return [*TINY, f"data.path={corpus / 'corpus'}", f"data.cache_dir={corpus / 'cache'}",
-            f"run_dir={run}", *extra]  # fmt: skip
+    return [
+        *TINY,
+        f"data.path={corpus / 'corpus'}",
+        f"data.cache_dir={corpus / 'cache'}",
+        f"run_dir={run}",
+        *extra,
+    ]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -106,11 +128,13 @@ def test_yaml_that_does_not_parse(tmp_path):
     [
         (["resume=/nonexistent.ckpt"], "does not exist"),
         (["model.vocab_size=999"], "does not match the tokenizer"),
-        (["model.attention=dense", "data.seq_len=200000", "trainer.max_steps=1"],
-         "XPOS scales reach"),
+        (
+            ["model.attention=dense", "data.seq_len=200000", "trainer.max_steps=1"],
+            "XPOS scales reach",
+        ),
         (["model.attention=sliding", "model.window=0"], "window must be a positive integer"),
     ],
-)  # fmt: skip
+)
 def test_bad_runs_fail_before_training(corpus, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         train(args(corpus, tmp_path / "run", *extra))

@@ -80,8 +80,9 @@ def test_runs_at_any_length(attention, n):
 def test_flops_order_at_long_context():
     """At 32K tokens the dense model costs the most, LongNet and its matched sparse about the
     same; at 2K dense is cheapest-or-close. Attention FLOPs are counted per type."""
-    cfgs = {p.stem: ModelConfig(**OmegaConf.to_container(OmegaConf.load(p))["model"])
-            for p in CONFIGS}  # fmt: skip
+    cfgs = {
+        p.stem: ModelConfig(**OmegaConf.to_container(OmegaConf.load(p))["model"]) for p in CONFIGS
+    }
     f = {k: flops_per_token(c, 32768) for k, c in cfgs.items() if k.endswith("_base")}
     assert f["transformer_base"] > 2 * f["longnet_base"]
     assert f["sparse_transformer_base"] == pytest.approx(f["longnet_base"], rel=0.01)

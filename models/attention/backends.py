@@ -95,9 +95,13 @@ def attention_backward(
     if q.is_cuda:
         return _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, mask)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *(_bhmd(x) for x in (dout, q, k, v, out)), lse.transpose(1, 2), 0.0, causal,
-        attn_mask=mask, scale=scale,
-    )  # fmt: skip
+        *(_bhmd(x) for x in (dout, q, k, v, out)),
+        lse.transpose(1, 2),
+        0.0,
+        causal,
+        attn_mask=mask,
+        scale=scale,
+    )
     return tuple(_bhmd(g) for g in grads)
 
 

@@ -162,7 +162,7 @@ def _backward(dout, q, sources, o, lse, calls, covers_all, scale, backend):
                 x.shape, dtype=acc, device=x.device
             )
             for x in src
-        ]  # fmt: skip
+        ]
         for i, src in enumerate(sources)
     ]
     o = o.to(q.dtype)
@@ -172,14 +172,22 @@ def _backward(dout, q, sources, o, lse, calls, covers_all, scale, backend):
         q_views = [call.q.view(x) for x in (dout, q)]
         kv_views = [call.kv.view(x) for x in (k, v)]
         parts = attention_backward(
-            *q_views, *kv_views, call.q.view(o), call.q.view(lse), call.causal, scale, mask,
+            *q_views,
+            *kv_views,
+            call.q.view(o),
+            call.q.view(lse),
+            call.causal,
+            scale,
+            mask,
             backend,
-        )  # fmt: skip
+        )
         targets = [call.q.view(dq), *(call.kv.view(g) for g in dkv[call.source])]
         for target, part in zip(targets, parts, strict=True):
             target.copy_(part) if call.first else target.add_(part)
-    return dq.to(q.dtype), [[g.to(x.dtype) for g, x in zip(gs, src, strict=True)]
-                            for gs, src in zip(dkv, sources, strict=True)]  # fmt: skip
+    return dq.to(q.dtype), [
+        [g.to(x.dtype) for g, x in zip(gs, src, strict=True)]
+        for gs, src in zip(dkv, sources, strict=True)
+    ]
 
 
 class _MixedAttentionFn(torch.autograd.Function):
@@ -197,8 +205,7 @@ class _MixedAttentionFn(torch.autograd.Function):
         q, o, lse, *kv = ctx.saved_tensors
         sources = [tuple(kv[i : i + 2]) for i in range(0, len(kv), 2)]
         calls, covers_all, scale, backend = ctx.args
-        dq, dkv = _backward(strided_ok(dout), q, sources, o, lse, calls, covers_all, scale,
-                            backend)  # fmt: skip
+        dq, dkv = _backward(strided_ok(dout), q, sources, o, lse, calls, covers_all, scale, backend)
         return dq, None, None, None, None, *(g for pair in dkv for g in pair)
 
 
