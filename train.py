@@ -10,8 +10,11 @@ tensorboard/, config.yaml (resolved) and tokenizer.json. resume=auto continues a
 
 from __future__ import annotations
 
+import csv
 import logging
 import sys
+import time
+from pathlib import Path
 
 import lightning as L
 
@@ -31,8 +34,41 @@ def train(argv: list[str]) -> L.Trainer:
         write_run_files(cfg, datamodule)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
+    elif cfg.validate_first:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        summarize(cfg, trainer, time.perf_counter() - start)
     return trainer
+
+
+def summarize(cfg, trainer: L.Trainer, seconds: float) -> None:
+    """One line a person reads at the end: perplexity before and after, time, outputs."""
+    ppl = validation_perplexities(Path(cfg.run_dir))
+    change = "not measured"
+    if ppl:
+        change = f"{ppl[0][1]:.1f} (step {ppl[0][0]}) -> {ppl[-1][1]:.1f} (step {ppl[-1][0]})"
+    log.info(
+        "trained to step %d in %.0f s; validation perplexity %s; outputs in %s",
+        trainer.global_step,
+        seconds,
+        change if ppl else "not measured",
+        cfg.run_dir,
+    )
+
+
+def validation_perplexities(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, val/ppl) from every logged version of a run, in step order."""
+    rows = []
+    for f in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        with open(f, newline="") as fh:
+            rows += [
+                (int(r["step"]), float(r["val/ppl"]))
+                for r in csv.DictReader(fh)
+                if r.get("val/ppl")
+            ]
+    return sorted(rows)
 
 
 def main() -> int:
