@@ -69,7 +69,7 @@ class LongContextDataModule(L.LightningDataModule):
             skip_batches=self.batches_consumed,
         )
 
-    def _loader(self, dataset) -> DataLoader:
+    def _loader(self, dataset, sampler=None) -> DataLoader:
         # A loader draws its workers' base seed from its generator when an iterator starts; a
         # private one keeps that draw off the global RNG, which dropout uses: otherwise a
         # validation pass, or the loader a resumed run makes, would shift every later mask.
@@ -77,9 +77,17 @@ class LongContextDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.config.batch_size,
+            sampler=sampler,
             num_workers=self.config.num_workers,
             generator=generator,
         )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        # Ranks take every world_size-th window, no padding: summed NLL over ranks is exactly
+        # the single-process sum (a DistributedSampler would repeat windows to even them out).
+        dataset = self.eval_dataset(split)
+        rank, world = self._rank()
+        return self._loader(dataset, sampler=range(rank, len(dataset), world))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset())
@@ -91,10 +99,10 @@ class LongContextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("val"))
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"))
+        return self._eval_loader("test")
 
     # -- resume ------------------------------------------------------------------------------
 
