@@ -191,6 +191,12 @@ def _call_with_known_kwargs(fn, **kwargs):
     return fn(**{name: val for name, val in kwargs.items() if name in params})
 
 
+# no dropout, no window, no softcap, no ALiBi: the same in the forward and the backward
+_FLASH_PLAIN = dict(
+    dropout_p=0.0, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None
+)
+
+
 def _flash_forward(q, k, v, causal, scale):
     from flash_attn.flash_attn_interface import _flash_attn_forward
 
@@ -199,14 +205,10 @@ def _flash_forward(q, k, v, causal, scale):
         q=q,
         k=k,
         v=v,
-        dropout_p=0.0,
         softmax_scale=scale,
         causal=causal,
-        window_size_left=-1,
-        window_size_right=-1,
-        softcap=0.0,
-        alibi_slopes=None,
         return_softmax=False,
+        **_FLASH_PLAIN,
     )
     # 2.6+: (out, lse, S_dmask, rng_state); older: (out, q, k, v, out_padded, lse, S, rng)
     out, lse = (res[0], res[1]) if len(res) == 4 else (res[0], res[5])
@@ -228,14 +230,10 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale):
         dq=dq,
         dk=dk,
         dv=dv,
-        dropout_p=0.0,
         softmax_scale=scale,
         causal=causal,
-        window_size_left=-1,
-        window_size_right=-1,
-        softcap=0.0,
-        alibi_slopes=None,
         deterministic=False,
         rng_state=None,
+        **_FLASH_PLAIN,
     )
     return dq, dk, dv
