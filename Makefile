@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) train.py configs/experiment/demo.yaml
-	@echo "demo outputs: runs/demo (checkpoints/, logs/, tensorboard/, config.yaml, tokenizer.json)"
+	$(PY) eval.py checkpoints=[runs/demo/checkpoints/last.ckpt] split=val \
+		context_lengths=[2048,4096,8192,16384] max_tokens_per_document=16384 out_dir=runs/demo/eval
+	@echo "demo outputs: runs/demo (checkpoints/, logs/, tensorboard/, config.yaml, tokenizer.json, eval/)"
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"

@@ -106,9 +106,10 @@ def _parse_override(item: str) -> DictConfig:
         raise ConfigError(f"override {item!r} does not parse: {err}") from err
 
 
-def load_config(files: list[str] = (), overrides: list[str] = ()) -> DictConfig:
-    """Merges default.yaml, each file in order, then each ``key=value``; checks every key."""
-    cfg = _load_yaml(DEFAULT)
+def load_config(files: list[str] = (), overrides: list[str] = (), default=DEFAULT) -> DictConfig:
+    """Merges ``default`` (the schema), each file in order, then each ``key=value``; checks
+    every key."""
+    cfg = _load_yaml(default)
     schema = _flat_keys(cfg)
     for f in files:
         update = _load_yaml(f)

@@ -22,7 +22,7 @@ from torch import nn
 
 from models.attention.backends import flash_attn_available
 from models.attention.dilated import check_coverage, dilated_attention, validate_schedule
-from models.attention.sliding import check_window, sliding_window_attention
+from models.attention.sliding import blockwise_attention, check_window, sliding_window_attention
 from models.attention.sparse import (
     check_pattern,
     dilated_keys_per_query,
@@ -48,6 +48,7 @@ class ModelConfig:
     segment_lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
     dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 12])
     window: int = 512  # sliding
+    blockwise: int | None = None  # dense only: blockwise causal attention with this block
     sparse_block: int = 128  # sparse: block length
     sparse_summary: int = 8  # sparse: summary positions at the end of every block
     position: str = "xpos"  # xpos | rope | none
@@ -83,6 +84,10 @@ class ModelConfig:
             )
         elif self.attention == "sliding":
             check_window(self.window)
+        if self.blockwise is not None:
+            if self.attention != "dense":
+                raise ValueError(f"blockwise applies to attention='dense', not {self.attention!r}")
+            check_window(self.blockwise)
         elif self.attention == "sparse":
             check_pattern(self.sparse_block, self.sparse_summary)
 
@@ -134,6 +139,8 @@ class Attention(nn.Module):
             return sparse_attention(q, k, v, cfg.sparse_block, cfg.sparse_summary)
         if cfg.attention == "sliding":
             return sliding_window_attention(q, k, v, cfg.window)
+        if cfg.blockwise is not None:
+            return blockwise_attention(q, k, v, cfg.blockwise)
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
             from flash_attn import flash_attn_func
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.attention.sliding import sliding_window_attention
+from models.attention.sliding import blockwise_attention, sliding_window_attention
 from models.attention.sparse import (
     dilated_keys_per_query,
     match_dilated,
@@ -112,3 +112,16 @@ def test_match_dilated_is_close_in_cost():
 def test_bad_patterns_are_rejected(fn, message):
     with pytest.raises(ValueError, match=message):
         fn(torch.randn(1, 8, 2, 4))
+
+
+def blockwise_mask(n, block):
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    return (j <= i) & (j // block >= i // block - 1)
+
+
+@pytest.mark.parametrize("B,N,block", [(1, 64, 16), (2, 50, 16), (1, 10, 32), (1, 21, 20)])
+def test_blockwise_matches_masked_dense(B, N, block):
+    check_against(
+        lambda q, k, v: blockwise_attention(q, k, v, block), blockwise_mask(N, block), B, N, 3, 8
+    )

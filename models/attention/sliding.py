@@ -39,19 +39,26 @@ def local_calls(block: int, batch: int, n: int, n_head: int) -> list[Call]:
 
 
 def _previous_chunk_calls(window, batch, n, n_head, mask) -> list[Call]:
+    """Rows of each chunk attending the whole previous chunk, under ``mask`` (rows x window)
+    or, with ``mask=None``, unmasked (blockwise attention)."""
     n_full, tail = divmod(n, window)
     calls = []
-    rows = window - 1  # the last row of a chunk sees none of the previous chunk
+    # with the sliding mask, the last row of a chunk sees none of the previous chunk
+    rows = window if mask is None else window - 1
     if n_full > 1 and rows > 0:
         for b in range(batch):  # chunk 0 has no previous chunk, so batch rows cannot fold
             q = contiguous_block(b, window, n_full - 1, window, rows, n_head)
             kv = contiguous_block(b, 0, n_full - 1, window, window, n_head)
-            calls += chunked(Call(q, kv, causal=False, mask=mask[:rows]))
+            calls += chunked(Call(q, kv, causal=False, mask=_rows(mask, rows)))
     if tail and min(tail, rows) > 0:
         q = contiguous_block(0, n_full * window, batch, 0, min(tail, rows), n_head)
         kv = contiguous_block(0, (n_full - 1) * window, batch, 0, window, n_head)
-        calls += chunked(Call(q, kv, causal=False, mask=mask[: min(tail, rows)]))
+        calls += chunked(Call(q, kv, causal=False, mask=_rows(mask, min(tail, rows))))
     return calls
+
+
+def _rows(mask, rows):
+    return None if mask is None else mask[:rows]
 
 
 def sliding_window_attention(
@@ -71,4 +78,24 @@ def sliding_window_attention(
     if window < N:
         a = torch.arange(window, device=q.device)
         calls += _previous_chunk_calls(window, B, N, H, a[None, :] > a[:, None])
+    return mixed_attention(q, [(k, v)], calls, True, float(scale), backend)
+
+
+def blockwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Blockwise causal attention (Sun et al., 2022, used to run a dense model beyond its
+    training length): queries of block t attend causally inside block t and all of block t-1."""
+    block = check_window(block)
+    B, N, H, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    backend = resolve_backend(backend, q)
+    calls = local_calls(block, B, N, H)
+    if block < N:
+        calls += _previous_chunk_calls(block, B, N, H, None)
     return mixed_attention(q, [(k, v)], calls, True, float(scale), backend)

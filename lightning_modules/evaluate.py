@@ -1,0 +1,197 @@
+"""Perplexity as context grows: the measurements behind eval.py.
+
+Window policy (stated in every output): documents of the chosen split that have at least
+``max(context_lengths) + 1`` tokens serve every length, so the numbers are comparable. At length
+L each document is cut into disjoint windows of L + 1 tokens that stay inside it (L inputs, L
+targets) and every target of every window is scored; perplexity is
+``exp(sum of NLL / number of scored tokens)`` with the sum in float64.
+
+With ``max_tokens_per_document`` set, only the first that many (+1) tokens of each document are
+used, the same span at every L.
+
+Prompting curve (the paper's Figure 7b): for each such document, the same final ``suffix``
+tokens of its first ``max(L) + 1`` tokens are scored given a prompt of growing length P, i.e.
+the last ``suffix`` targets of the window of P inputs that ends there.
+
+Position profile: mean NLL by position bucket (powers of two) inside the longest windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.config import DataConfig
+from data.corpus import Split, prepare
+from lightning_modules.build import check_checkpoint
+from lightning_modules.config import ConfigError
+from models.transformer import ModelConfig, TransformerLM
+
+POLICY = (
+    "disjoint in-document windows of L+1 tokens (L scored) from documents of at least "
+    "max(L)+1 tokens, the same documents at every L"
+)
+
+
+@dataclass
+class Model:
+    """One checkpoint, ready to score tokens."""
+
+    name: str
+    net: TransformerLM
+    train_len: int
+    data: DataConfig  # the corpus to evaluate on, tokenized with this model's tokenizer
+    label: str = ""
+
+
+@dataclass
+class Result:
+    label: str
+    ppl: dict = field(default_factory=dict)  # L -> (ppl, tokens, windows) or reason string
+    prompting: dict = field(default_factory=dict)  # P -> mean NLL of the suffix
+    positions: list = field(default_factory=list)  # (bucket start, bucket end, mean NLL)
+    documents: int = 0
+
+
+def load_model(path: str, data_overrides: dict, blockwise: bool, device) -> Model:
+    """Rebuilds a checkpoint's model and the data config to evaluate it on (its own corpus
+    unless ``data_overrides`` say otherwise, always its own tokenizer)."""
+    ckpt = check_checkpoint(path)
+    run = ckpt["hyper_parameters"].get("run_config") or {}
+    model_cfg = dict(ckpt["hyper_parameters"]["model"])
+    train_len = int(run.get("data", {}).get("seq_len", 0)) or None
+    if blockwise and model_cfg["attention"] == "dense" and train_len:
+        model_cfg["blockwise"] = train_len
+    net = TransformerLM(ModelConfig.from_dict(model_cfg))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    net.load_state_dict(state)
+    net.to(device).eval()
+    tokenizer = Path(path).resolve().parent.parent / "tokenizer.json"
+    data = {**run.get("data", {}), **{k: v for k, v in data_overrides.items() if v is not None}}
+    if tokenizer.exists():
+        data["tokenizer_path"] = str(tokenizer)
+    try:
+        data_cfg = DataConfig.from_dict(data)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
+    name = Path(path).resolve().parent.parent.name
+    cfg = net.config
+    schedule = {
+        "dilated": f"w={cfg.segment_lengths} r={cfg.dilation_rates}",
+        "sparse": f"block={cfg.sparse_block} summary={cfg.sparse_summary}",
+        "sliding": f"window={cfg.window}",
+        "dense": f"blockwise={cfg.blockwise}" if cfg.blockwise else "full",
+    }[cfg.attention]
+    label = f"{name} [{cfg.attention} {schedule}, trained at {train_len}]"
+    return Model(name, net, train_len or 0, data_cfg, label)
+
+
+def long_documents(split: Split, need: int) -> list[int]:
+    return [d for d, n in enumerate(split.lengths) if n >= need]
+
+
+def check_lengths(split: Split, lengths: list[int], split_name: str) -> list[int]:
+    """The documents that serve every length, or a clear error."""
+    if len(split.lengths) == 0:
+        raise ConfigError(f"the {split_name} split of the corpus is empty")
+    docs = long_documents(split, max(lengths) + 1)
+    if not docs:
+        raise ConfigError(
+            f"context length {max(lengths)} is longer than every document of the {split_name} "
+            f"split: its longest has {int(split.lengths.max())} tokens "
+            f"({len(split.lengths)} documents)"
+        )
+    return docs
+
+
+@torch.no_grad()
+def nll(net: TransformerLM, windows: torch.Tensor) -> torch.Tensor:
+    """(W, L+1) token windows -> (W, L) per-target NLL, float64."""
+    logits = net(windows[:, :-1])
+    out = F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="none")
+    return out.view(windows.shape[0], -1).double()
+
+
+def windows_at(split: Split, docs: list[int], length: int, cap: int | None = None) -> np.ndarray:
+    """Start offsets (flat) of the disjoint in-document windows of ``length + 1`` tokens, within
+    the first ``cap + 1`` tokens of each document (``None``: all of it)."""
+    starts = []
+    for d in docs:
+        base, n = int(split.starts[d]), int(split.lengths[d])
+        n = n if cap is None else min(n, cap + 1)
+        starts += [base + off for off in range(0, n - length, length)]
+    return np.asarray(starts, dtype=np.int64)
+
+
+def gather(split: Split, starts, length: int, device) -> torch.Tensor:
+    rows = [split.tokens[s : s + length + 1].astype(np.int64) for s in starts]
+    return torch.from_numpy(np.stack(rows)).to(device)
+
+
+def perplexity(
+    model, split: Split, docs, length: int, batch_tokens: int, device, cap=None, bar=None
+):
+    """(ppl, scored tokens, windows, mean NLL by position) at context length ``length``."""
+    starts = windows_at(split, docs, length, cap)
+    per_batch = max(1, batch_tokens // length)
+    total, count = 0.0, 0
+    sums = torch.zeros(length, dtype=torch.float64)
+    for i in range(0, len(starts), per_batch):
+        values = nll(model.net, gather(split, starts[i : i + per_batch], length, device)).cpu()
+        total += values.sum().item()
+        count += values.numel()
+        sums += values.sum(0)
+        if bar is not None:
+            bar.update(values.numel())
+    return math.exp(total / count), count, len(starts), sums / len(starts)
+
+
+def prompting(model: Model, split: Split, docs, prompts: list[int], suffix: int, device, bar=None):
+    """P -> mean NLL of the same final ``suffix`` targets given P inputs."""
+    out = {}
+    for p in prompts:
+        starts = prompt_starts(split, docs, p, max(prompts))
+        values = torch.cat(
+            [nll(model.net, gather(split, [s], p, device))[:, -suffix:].cpu() for s in starts]
+        )
+        out[p] = values.mean().item()
+        if bar is not None:
+            bar.update(len(starts))
+    return out
+
+
+def prompt_starts(split: Split, docs, prompt: int, end: int) -> list[int]:
+    """Window starts for prompt length ``prompt`` whose last target is token ``end`` of each
+    document: the scored suffix is the same tokens whatever the prompt length."""
+    return [int(split.starts[d]) + end - prompt for d in docs]
+
+
+def position_buckets(mean_nll: torch.Tensor) -> list[tuple[int, int, float]]:
+    """Mean NLL over positions [2^k - 1, 2^(k+1) - 1) of the window (the first bucket is 0)."""
+    out, lo = [], 0
+    while lo < len(mean_nll):
+        hi = min(len(mean_nll), 2 * lo + 1)
+        out.append((lo, hi, mean_nll[lo:hi].mean().item()))
+        lo = hi
+    return out
+
+
+def corpus_split(model: Model, split_name: str) -> Split:
+    try:
+        return prepare(model.data).split(split_name)
+    except ValueError as err:
+        raise ConfigError(f"data for {model.name}: {err}") from err
+
+
+def load_checked(path: str, data_overrides, blockwise, device) -> Model:
+    try:
+        return load_model(path, data_overrides, blockwise, device)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"checkpoint {path!r} cannot be loaded: {err}") from err

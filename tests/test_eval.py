@@ -1,0 +1,124 @@
+"""eval.py: perplexity by context length against a naive computation, window rules, outputs,
+and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eval import run
+from lightning_modules import evaluate as ev
+from lightning_modules.config import ConfigError
+from tests.test_train import args
+from train import train
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tests.test_data import write_corpus
+
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    (root / "corpus").mkdir()
+    write_corpus(root / "corpus")
+    for d in range(4):  # a few long documents for long contexts
+        words = " ".join(f"w{int(i)}" for i in rng.integers(0, 50, 3000))
+        (root / "corpus" / f"long{d}.txt").write_text(words)
+    run_dir = root / "run"
+    train(
+        args(
+            root, run_dir, "trainer.max_steps=2", "data.val_fraction=0.3", "data.test_fraction=0.3"
+        )
+    )
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def model_and_split(ckpt, split="val"):
+    model = ev.load_checked(str(ckpt), {}, False, torch.device("cpu"))
+    return model, ev.corpus_split(model, split)
+
+
+def test_perplexity_equals_a_naive_loop(ckpt):
+    model, split = model_and_split(ckpt)
+    docs = ev.check_lengths(split, [16, 64], "val")
+    ppl, tokens, windows, _ = ev.perplexity(model, split, docs, 16, 100, torch.device("cpu"))
+    total, count = 0.0, 0
+    for d in docs:  # one window at a time, straight from the definition
+        start, n = int(split.starts[d]), int(split.lengths[d])
+        for off in range(0, n - 16, 16):
+            w = torch.tensor(split.tokens[start + off : start + off + 17].astype(np.int64))
+            logp = torch.log_softmax(model.net(w[None, :-1])[0].double(), -1)
+            total -= logp[torch.arange(16), w[1:]].sum().item()
+            count += 16
+    assert tokens == count and windows == count // 16
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_windows_stay_in_documents_and_documents_are_shared(ckpt):
+    _, split = model_and_split(ckpt)
+    docs = ev.check_lengths(split, [8, 32], "val")
+    assert all(split.lengths[d] >= 33 for d in docs)
+    for n in (8, 32):
+        for s in ev.windows_at(split, docs, n):
+            d = int(np.searchsorted(split.starts, s, side="right")) - 1
+            assert d in docs and s + n + 1 <= split.starts[d] + split.lengths[d]
+    capped = ev.windows_at(split, docs, 8, cap=32)
+    assert len(capped) == 4 * len(docs)
+
+
+def test_prompting_scores_the_same_tokens(ckpt):
+    _, split = model_and_split(ckpt)
+    docs = ev.check_lengths(split, [64], "val")
+    ends = {p: [s + p for s in ev.prompt_starts(split, docs, p, 64)] for p in (16, 32, 64)}
+    assert ends[16] == ends[32] == ends[64]
+
+
+def test_eval_writes_its_outputs(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    results = run(
+        [
+            f"checkpoints=[{ckpt}]",
+            "context_lengths=[16,32,64]",
+            "split=val",
+            "suffix=8",
+            f"out_dir={out}",
+        ]
+    )
+    assert set(results[0].ppl) == {16, 32, 64} and results[0].prompting
+    for name in (
+        "ppl_vs_context.csv",
+        "ppl_vs_context.json",
+        "ppl_vs_context.png",
+        "prompting.csv",
+        "prompting.png",
+        "positions.csv",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert "| 16 | 32 | 64 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["checkpoints=[/nonexistent.ckpt]"], "does not exist"),
+        (["context_lengths=[100000]"], "longer than every document .* longest has"),
+        (["evaluate=1"], "unknown key evaluate"),
+        (["data.source=text_dir", "data.path=/nonexistent"], "is not a directory"),
+    ],
+)
+def test_bad_input(ckpt, tmp_path, extra, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    base = [f"checkpoints=[{ckpt}]", "context_lengths=[16]", "split=val", f"out_dir={out}"]
+    with pytest.raises(ConfigError, match=message):
+        run([*base, *extra])
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.ckpt"
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(ConfigError, match="not a checkpoint of this project"):
+        run([f"checkpoints=[{bad}]", f"out_dir={tmp_path / 'o'}"])
