@@ -152,16 +152,22 @@ def perplexity(
 
 
 def prompting(model: Model, split: Split, docs, prompts: list[int], suffix: int, device, bar=None):
-    """P -> mean NLL of the same final ``suffix`` targets given P inputs."""
+    """P -> mean NLL of the same final ``suffix`` targets given P inputs (NaN where the model
+    cannot run at P, e.g. XPOS out of range for a dense model)."""
     out = {}
     for p in prompts:
-        starts = prompt_starts(split, docs, p, max(prompts))
-        values = torch.cat(
-            [nll(model.net, gather(split, [s], p, device))[:, -suffix:].cpu() for s in starts]
-        )
-        out[p] = values.mean().item()
+        try:
+            values = torch.cat(
+                [
+                    nll(model.net, gather(split, [s], p, device))[:, -suffix:].cpu()
+                    for s in prompt_starts(split, docs, p, max(prompts))
+                ]
+            )
+            out[p] = values.mean().item()
+        except (ValueError, RuntimeError):
+            out[p] = float("nan")
         if bar is not None:
-            bar.update(len(starts))
+            bar.update(len(docs))
     return out
 
 

@@ -122,3 +122,20 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"weights": 1}, bad)
     with pytest.raises(ConfigError, match="not a checkpoint of this project"):
         run([f"checkpoints=[{bad}]", f"out_dir={tmp_path / 'o'}"])
+
+
+def test_empty_corpus(ckpt, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for i in range(3):
+        (empty / f"{i}.txt").write_text("")
+    with pytest.raises(ConfigError, match="no training document"):
+        run(
+            [
+                f"checkpoints=[{ckpt}]",
+                "data.source=text_dir",
+                f"data.path={empty}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                f"out_dir={tmp_path / 'o'}",
+            ]
+        )
