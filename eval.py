@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from lightning_modules import evaluate as ev
-from lightning_modules.config import CONFIG_DIR, ConfigError, load_config, split_argv
+from lightning_modules.config import CONFIG_DIR, ConfigError, load_config, run_cli, split_argv
 
 log = logging.getLogger("eval")
 
@@ -182,15 +182,5 @@ def _plot(path, results, key, xlabel, ylabel, title) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(sys.argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(run, sys.argv[1:]))

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 
 from lightning_modules.build import build, write_run_files
-from lightning_modules.config import ConfigError, load_config, split_argv
+from lightning_modules.config import load_config, run_cli, split_argv
 
 log = logging.getLogger("train")
 
@@ -71,15 +71,5 @@ def validation_perplexities(run_dir: Path) -> list[tuple[int, float]]:
     return sorted(rows)
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        train(sys.argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(train, sys.argv[1:]))

@@ -127,3 +127,18 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     files = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     return files, overrides
+
+
+def run_cli(entry, argv: list[str]) -> int:
+    """Runs a command-line entry point: a ConfigError becomes one line on stderr and exit
+    code 2 (nothing else to read), anything else keeps its traceback."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        entry(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

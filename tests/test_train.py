@@ -212,3 +212,10 @@ def test_ddp_on_two_cpu_processes(corpus, tmp_path):
         for r in range(2)
     ]
     assert first[0] != first[1]
+
+
+def test_command_line_errors_exit_2(capsys):
+    from lightning_modules.config import run_cli
+
+    assert run_cli(train, ["model.n_layers=3"]) == 2
+    assert "did you mean model.n_layer" in capsys.readouterr().err

@@ -61,41 +61,31 @@ def _rows(mask, rows):
     return None if mask is None else mask[:rows]
 
 
-def sliding_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    scale: float | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Causal sliding-window attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``."""
-    window = check_window(window)
+def _chunked_attention(q, k, v, chunk, sliding: bool, scale, backend) -> torch.Tensor:
+    """Causal attention inside chunks of ``chunk`` positions, plus the previous chunk: under
+    the sliding mask (key b seen from row a iff b > a), or whole (blockwise)."""
+    chunk = check_window(chunk)
     B, N, H, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     backend = resolve_backend(backend, q)
-    calls = local_calls(window, B, N, H)
-    if window < N:
-        a = torch.arange(window, device=q.device)
-        calls += _previous_chunk_calls(window, B, N, H, a[None, :] > a[:, None])
+    calls = local_calls(chunk, B, N, H)
+    if chunk < N:
+        a = torch.arange(chunk, device=q.device)
+        mask = a[None, :] > a[:, None] if sliding else None
+        calls += _previous_chunk_calls(chunk, B, N, H, mask)
     return mixed_attention(q, [(k, v)], calls, True, float(scale), backend)
+
+
+def sliding_window_attention(
+    q, k, v, window: int, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Causal sliding-window attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``."""
+    return _chunked_attention(q, k, v, window, True, scale, backend)
 
 
 def blockwise_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block: int,
-    scale: float | None = None,
-    backend: str = "auto",
+    q, k, v, block: int, scale: float | None = None, backend: str = "auto"
 ) -> torch.Tensor:
     """Blockwise causal attention (Sun et al., 2022, used to run a dense model beyond its
     training length): queries of block t attend causally inside block t and all of block t-1."""
-    block = check_window(block)
-    B, N, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    backend = resolve_backend(backend, q)
-    calls = local_calls(block, B, N, H)
-    if block < N:
-        calls += _previous_chunk_calls(block, B, N, H, None)
-    return mixed_attention(q, [(k, v)], calls, True, float(scale), backend)
+    return _chunked_attention(q, k, v, block, False, scale, backend)
