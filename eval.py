@@ -40,6 +40,8 @@ def run(argv: list[str]) -> list[ev.Result]:
             f"max_tokens_per_document={cap} must be at least the longest context "
             f"length {lengths[-1]}"
         )
+    if cfg.max_documents is not None and cfg.max_documents < 1:
+        raise ConfigError(f"max_documents must be at least 1 or null, got {cfg.max_documents}")
     if cfg.split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {cfg.split!r}")
     device = torch.device(
@@ -53,6 +55,8 @@ def run(argv: list[str]) -> list[ev.Result]:
     models = [ev.load_checked(p, overrides, cfg.dense_blockwise, device) for p in cfg.checkpoints]
     splits = [ev.corpus_split(m, cfg.split) for m in models]
     docs = [ev.check_lengths(s, lengths, cfg.split) for s in splits]  # all checks before work
+    if cfg.max_documents is not None:
+        docs = [dd[: cfg.max_documents] for dd in docs]
     prompts = [p for p in lengths if p >= cfg.suffix]
     results = []
     for model, split, dd in zip(models, splits, docs, strict=True):
@@ -176,7 +180,8 @@ def _plot(path, results, key, xlabel, ylabel, title) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=7, wrap=True)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
+    if ax.lines:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

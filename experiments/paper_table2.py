@@ -1,0 +1,182 @@
+"""The paper's Table 2: perplexity of Transformer, Sparse Transformer and LongNet by length.
+
+    python experiments/paper_table2.py --scale tiny     # 2 CPU cores, the stdlib corpus
+    python experiments/paper_table2.py --scale paper    # the paper's settings, for GPUs
+    python experiments/paper_table2.py --config my_study.yaml --only longnet_8192 --dry-run
+
+The protocol (configs/study/paper_table2_<scale>.yaml): each run trains one model at one length
+with the same tokens per batch (batch = tokens_per_batch / length) for the same number of
+steps; LongNet runs share one dilated schedule; each Sparse Transformer's (block, summary) is
+chosen at its training length so that its attention FLOPs match that schedule's
+(models.attention.sparse.match_dilated); every model is then scored by eval.py at the same
+lengths on the same documents. Runs live in runs/<name>/<model>_<length>/ and are skipped
+once finished (see experiments/study.py); an interrupted study resumes where it stopped.
+
+Writes runs/<name>/table.md (the table shaped like the paper's, with the paper's numbers
+below it), results.json and ppl_vs_context.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import study  # noqa: E402
+from lightning_modules.config import ConfigError, run_cli  # noqa: E402
+from models.attention.sparse import match_dilated  # noqa: E402
+
+MODELS = {
+    "transformer": "Transformer",
+    "sparse_transformer": "Sparse Transformer",
+    "longnet": "LongNet",
+}
+
+
+def plan(spec) -> list[dict]:
+    """Every run of a study: name, model, seq_len, batch and its train.py argv (checked)."""
+    w = [int(x) for x in spec.schedule.segment_lengths]
+    r = [int(x) for x in spec.schedule.dilation_rates]
+    runs = []
+    for run in spec.runs:
+        if run.model not in MODELS:
+            raise ConfigError(f"run model {run.model!r} is not one of {sorted(MODELS)}")
+        length = int(run.seq_len)
+        if spec.tokens_per_batch % length:
+            raise ConfigError(
+                f"tokens_per_batch={spec.tokens_per_batch} is not a multiple of seq_len={length}"
+            )
+        batch = spec.tokens_per_batch // length
+        argv = [
+            str(study.ROOT / run.config),
+            *spec.train,
+            f"data.seq_len={length}",
+            f"data.batch_size={batch}",
+            f"trainer.max_steps={spec.steps}",
+        ]
+        if run.model == "longnet":
+            argv += [f"model.segment_lengths={w}", f"model.dilation_rates={r}"]
+        cfg = study.resolve(argv)
+        if run.model == "sparse_transformer":
+            block, summary = match_dilated(w, r, length, cfg.model.n_head)
+            argv += [f"model.sparse_block={block}", f"model.sparse_summary={summary}"]
+            cfg = study.resolve(argv)
+        runs.append(
+            {
+                "name": f"{run.model}_{length}",
+                "model": run.model,
+                "seq_len": length,
+                "batch": batch,
+                "argv": argv,
+                "cfg": cfg,
+            }
+        )
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--scale", choices=["tiny", "paper"], default="tiny")
+    p.add_argument("--config", help="a study YAML instead of configs/study/paper_table2_<scale>")
+    p.add_argument("--out", help="study directory (default runs/<name>)")
+    p.add_argument("--only", nargs="*", help="run names to train (default: all)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    a = p.parse_args(argv)
+    path = a.config or study.ROOT / "configs" / "study" / f"paper_table2_{a.scale}.yaml"
+    spec = study.load_study(path)
+    runs = plan(spec)
+    if a.only:
+        unknown = sorted(set(a.only) - {r["name"] for r in runs})
+        if unknown:
+            raise ConfigError(
+                f"--only {unknown}: not runs of {path}; runs: {[r['name'] for r in runs]}"
+            )
+        runs = [r for r in runs if r["name"] in a.only]
+    out = Path(a.out or study.ROOT / "runs" / spec.name)
+    for r in runs:
+        m = r["cfg"].model
+        pattern = {
+            "dilated": f"w={list(m.segment_lengths)} r={list(m.dilation_rates)}",
+            "sparse": f"block={m.sparse_block} summary={m.sparse_summary}",
+        }.get(m.attention, m.attention)
+        study.say(f"plan: {r['name']}: batch {r['batch']} x {r['seq_len']}, {pattern}")
+    if a.dry_run:
+        for r in runs:
+            study.build_on_meta(r["cfg"])
+        return {}
+    study.set_threads(a.threads)
+    lengths = [int(n) for n in spec.eval.context_lengths]
+    start = time.perf_counter()
+    for i, r in enumerate(runs, 1):
+        study.say(f"[{i}/{len(runs)}] {r['name']}")
+        r["train"] = study.train_run(out / r["name"], r["argv"])
+        r["eval"] = study.ppl_by_length(
+            study.eval_run(out / r["name"], lengths, list(spec.eval.args))
+        )
+    study.say(f"done in {time.perf_counter() - start:.0f} s (this invocation)")
+    return report(spec, runs, lengths, out)
+
+
+def report(spec, runs, lengths, out: Path) -> dict:
+    header = ["model", "training length", "batch", *[f"ppl @{n}" for n in lengths]]
+    header += ["train s", "eval s"]
+    rows = [
+        [
+            MODELS[r["model"]],
+            r["seq_len"],
+            r["batch"],
+            *[r["eval"].get(n) for n in lengths],
+            r["train"]["train_seconds"],
+            study.eval_seconds(out / r["name"]),
+        ]
+        for r in runs
+    ]
+    steps = spec.steps
+    text = [
+        f"# {spec.name}: perplexity by evaluation length",
+        "",
+        f"{spec.tokens_per_batch} tokens per batch, {steps} steps for every model; LongNet "
+        f"w={list(spec.schedule.segment_lengths)} r={list(spec.schedule.dilation_rates)}; "
+        f"eval.py {' '.join(spec.eval.args)}. Measured {time.strftime('%Y-%m-%d')}.",
+        "",
+        study.markdown(header, rows),
+    ]
+    if "paper" in spec:
+        paper_lengths = list(spec.paper.lengths)
+        text += [
+            "",
+            "The paper's Table 2, for reference (its scale, not ours):",
+            "",
+            study.markdown(
+                ["model", "training length", "batch", *[f"ppl @{n}" for n in paper_lengths]],
+                [list(row) for row in spec.paper.rows],
+            ),
+        ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text("\n".join(text) + "\n")
+    curves = {f"{MODELS[r['model']]} @{r['seq_len']}": r["eval"] for r in runs}
+    study.plot_curves(
+        out / "ppl_vs_context.png",
+        curves,
+        "evaluation length (tokens)",
+        "perplexity",
+        f"{spec.name}: trained at the length after @, evaluated by eval.py",
+    )
+    results = {
+        "runs": [{k: v for k, v in r.items() if k != "cfg"} for r in runs],
+        "lengths": lengths,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print("\n".join(text))
+    study.say(f"wrote {out}/table.md, results.json, ppl_vs_context.png")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))

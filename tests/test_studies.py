@@ -1,0 +1,107 @@
+"""The studies of experiments/: configs build on meta, micro runs end to end, resumption."""
+
+import json
+
+import pytest
+import yaml
+
+from experiments import paper_table2, study
+from tests.test_data import write_corpus
+from tests.test_train import TINY
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studies")
+    write_corpus(root / "corpus", n_docs=80)
+    return root
+
+
+def micro_train(corpus) -> list[str]:
+    """train.py overrides that make any tiny model config a micro one on the test corpus."""
+    return [
+        *TINY,
+        "model.vocab_size=null",
+        f"data.path={corpus / 'corpus'}",
+        f"data.cache_dir={corpus / 'cache'}",
+        "trainer.val_check_interval=2",
+    ]
+
+
+def micro_table2(corpus, path):
+    spec = {
+        "name": "micro_table2",
+        "tokens_per_batch": 64,
+        "steps": 2,
+        "schedule": {"segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4]},
+        "runs": [
+            {
+                "model": "transformer",
+                "config": "configs/model/transformer_tiny.yaml",
+                "seq_len": 16,
+            },
+            {
+                "model": "sparse_transformer",
+                "config": "configs/model/sparse_transformer_tiny.yaml",
+                "seq_len": 32,
+            },
+            {"model": "longnet", "config": "configs/model/longnet_tiny.yaml", "seq_len": 32},
+        ],
+        "train": micro_train(corpus),
+        "eval": {"context_lengths": [16, 64], "args": ["split=val", "dense_blockwise=true"]},
+        "paper": {"lengths": [2048], "rows": [["Transformer", 2048, 256, 4.24]]},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("scale", ["tiny", "paper"])
+def test_table2_configs_build_on_meta(scale, capsys):
+    paper_table2.main(["--scale", scale, "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.count("plan: ") == (5 if scale == "tiny" else 7)
+    assert "sparse_transformer_8192" in out
+
+
+def test_table2_micro_end_to_end_and_resume(corpus, tmp_path, capsys):
+    config = micro_table2(corpus, tmp_path / "study.yaml")
+    out = tmp_path / "study"
+    results = paper_table2.main(["--config", str(config), "--out", str(out)])
+    assert [r["name"] for r in results["runs"]] == [
+        "transformer_16",
+        "sparse_transformer_32",
+        "longnet_32",
+    ]
+    batches = [r["batch"] for r in results["runs"]]
+    assert batches == [4, 2, 2]  # equal tokens per batch
+    for r in results["runs"]:
+        assert r["train"]["steps"] == 2
+        assert set(r["eval"]) == {16, 64} and all(v > 0 for v in r["eval"].values())
+    table = (out / "table.md").read_text()
+    assert "| Sparse Transformer | 32 | 2 |" in table and "The paper's Table 2" in table
+    assert (out / "ppl_vs_context.png").stat().st_size > 0
+    capsys.readouterr()
+
+    done = {r: (out / r / "done.json").stat().st_mtime_ns for r in ("longnet_32",)}
+    again = paper_table2.main(["--config", str(config), "--out", str(out)])
+    log = capsys.readouterr().out
+    assert log.count("finished before, skipped") == 3
+    assert log.count("evaluated before, skipped") == 3
+    assert (out / "longnet_32" / "done.json").stat().st_mtime_ns == done["longnet_32"]
+    assert again["runs"][2]["eval"] == results["runs"][2]["eval"]
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["runs"]) == 3
+
+
+def test_table2_bad_study(corpus, tmp_path):
+    config = micro_table2(corpus, tmp_path / "study.yaml")
+    spec = yaml.safe_load(config.read_text())
+    spec["runs"][0]["model"] = "perceiver"
+    config.write_text(yaml.safe_dump(spec))
+    with pytest.raises(study.ConfigError, match="'perceiver' is not one of"):
+        paper_table2.main(["--config", str(config), "--dry-run"])
+    spec["runs"][0]["model"] = "transformer"
+    spec["tokens_per_batch"] = 60
+    config.write_text(yaml.safe_dump(spec))
+    with pytest.raises(study.ConfigError, match="tokens_per_batch=60 is not a multiple"):
+        paper_table2.main(["--config", str(config), "--dry-run"])
