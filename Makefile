@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick clean
+.PHONY: demo test test-slow lint format bench bench-quick table2 ablate throughput clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) experiments/attention_scaling.py --quick
+
+# the studies of experiments/README.md (resumable: a second call skips finished runs)
+table2: $(STAMP)
+	$(PY) experiments/paper_table2.py --scale tiny
+
+ablate: $(STAMP)
+	$(PY) experiments/ablate_dilation.py --config configs/study/ablate_dilation_tiny.yaml
+
+throughput: $(STAMP)
+	$(PY) experiments/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -328,7 +328,7 @@ def plot(rows, path, args):
     plt.close(fig)
 
 
-def _fixed_mmap_threshold() -> None:
+def fixed_mmap_threshold() -> None:
     """glibc keeps freed blocks below a moving threshold (up to 32 MiB) in its heap, so the
     resident set would not show what a run allocates; a fixed threshold makes every tensor its
     own mapping, returned on free. Re-runs this script with it set (command line only)."""
@@ -338,5 +338,5 @@ def _fixed_mmap_threshold() -> None:
 
 
 if __name__ == "__main__":
-    _fixed_mmap_threshold()
+    fixed_mmap_threshold()
     main()

@@ -66,6 +66,7 @@ def plan(spec) -> list[dict]:
             block, summary = match_dilated(w, r, length, cfg.model.n_head)
             argv += [f"model.sparse_block={block}", f"model.sparse_summary={summary}"]
             cfg = study.resolve(argv)
+        study.build_on_meta(cfg)  # a config the model refuses fails here, before training
         runs.append(
             {
                 "name": f"{run.model}_{length}",
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> dict:
         }.get(m.attention, m.attention)
         study.say(f"plan: {r['name']}: batch {r['batch']} x {r['seq_len']}, {pattern}")
     if a.dry_run:
-        for r in runs:
-            study.build_on_meta(r["cfg"])
         return {}
     study.set_threads(a.threads)
     lengths = [int(n) for n in spec.eval.context_lengths]

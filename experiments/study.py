@@ -127,6 +127,11 @@ def ppl_by_length(rows: list[dict]) -> dict[int, float]:
     return {int(r["context_length"]): float(r["ppl"]) if r["ppl"] != "" else math.nan for r in rows}
 
 
+def finite_or_inf(x) -> float:
+    """A sort key that puts missing and NaN values last."""
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else math.inf
+
+
 def fmt(x, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"

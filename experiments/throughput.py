@@ -39,7 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.attention_scaling import _fixed_mmap_threshold, timed  # noqa: E402
+from experiments.attention_scaling import fixed_mmap_threshold, timed  # noqa: E402
 from experiments.model_cost import load  # noqa: E402
 from models.transformer import ModelConfig, TransformerLM, flops_per_token  # noqa: E402
 
@@ -272,5 +272,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    _fixed_mmap_threshold()
+    fixed_mmap_threshold()
     main()

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from experiments import paper_table2, study
+from experiments import ablate_dilation, paper_table2, study
 from tests.test_data import write_corpus
 from tests.test_train import TINY
 
@@ -105,3 +105,55 @@ def test_table2_bad_study(corpus, tmp_path):
     config.write_text(yaml.safe_dump(spec))
     with pytest.raises(study.ConfigError, match="tokens_per_batch=60 is not a multiple"):
         paper_table2.main(["--config", str(config), "--dry-run"])
+
+
+def test_geometric_schedules():
+    assert ablate_dilation.geometric(128, 2, 1024) == ([128, 256, 512, 1024], [1, 2, 4, 8])
+    assert ablate_dilation.geometric(128, 4, 1024) == ([128, 512, 2048], [1, 4, 16])
+    assert ablate_dilation.geometric(128, 4, 1024, drop_largest=1) == ([128, 512], [1, 4])
+    with pytest.raises(study.ConfigError, match="drop_largest=3 must be in 0..2"):
+        ablate_dilation.geometric(128, 4, 1024, drop_largest=3)
+    with pytest.raises(study.ConfigError, match="ratio must be an integer >= 2, got 1"):
+        ablate_dilation.geometric(128, 1, 1024)
+
+
+def test_ablation_config_builds_on_meta(capsys):
+    ablate_dilation.main(["--dry-run"])
+    out = capsys.readouterr().out
+    assert out.count("plan: ") == 9 and "w0=512_ratio=4_drop=1: w=[512, 2048] r=[1, 4]" in out
+
+
+def test_ablation_micro_end_to_end_and_resume(corpus, tmp_path, capsys):
+    spec = {
+        "name": "micro_ablation",
+        "model": "configs/model/longnet_tiny.yaml",
+        "seq_len": 32,
+        "tokens_per_batch": 64,
+        "steps": 2,
+        "grid": {"w0": [8], "ratio": [2], "reach": [32], "drop_largest": [0, 1]},
+        "schedules": {"flat": {"segment_lengths": [32], "dilation_rates": [1]}},
+        "train": micro_train(corpus),
+        "eval": {"context_lengths": [16, 64], "args": ["split=val", "suffix=8"]},
+        "bench": {"seq_len": 64, "repeats": 1},
+    }
+    config = tmp_path / "ablation.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "study"
+    results = ablate_dilation.main(["--config", str(config), "--out", str(out)])
+    names = {r["name"] for r in results["runs"]}
+    assert names == {"w0=8_ratio=2", "w0=8_ratio=2_drop=1", "flat"}
+    ppl = [r["eval"][64] for r in results["runs"]]
+    assert ppl == sorted(ppl)  # ranked by perplexity at the longest length
+    for r in results["runs"]:
+        assert r["attn_ms_per_1k"] > 0 and r["keys_per_query"] > 0
+        assert set(r["prompting"]) == {16, 64}
+    table = (out / "table.md").read_text()
+    assert "| 1 |" in table and "keys/query @32" in table
+    assert (out / "ppl_vs_context.png").stat().st_size > 0
+    assert (out / "prompting.png").stat().st_size > 0
+    capsys.readouterr()
+    ablate_dilation.main(["--config", str(config), "--out", str(out), "--only", "flat"])
+    log = capsys.readouterr().out
+    assert "flat: finished before, skipped" in log and "evaluated before, skipped" in log
+    with pytest.raises(study.ConfigError, match="not schedules of"):
+        ablate_dilation.main(["--config", str(config), "--only", "nope", "--dry-run"])
