@@ -86,7 +86,7 @@ def schedules(spec) -> dict[str, tuple[list, list]]:
     return out
 
 
-def plan(spec) -> list[dict]:
+def plan(spec, extra: list[str] = ()) -> list[dict]:
     length = int(spec.seq_len)
     if spec.tokens_per_batch % length:
         raise ConfigError(
@@ -103,6 +103,7 @@ def plan(spec) -> list[dict]:
             f"data.seq_len={length}",
             f"data.batch_size={spec.tokens_per_batch // length}",
             f"trainer.max_steps={spec.steps}",
+            *extra,
         ]
         cfg = study.resolve(argv)
         study.build_on_meta(cfg)  # a schedule the model refuses fails here, before training
@@ -134,20 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--config", default=str(study.ROOT / "configs" / "study" / "ablate_dilation_tiny.yaml")
     )
-    p.add_argument("--out", help="study directory (default runs/<name>)")
-    p.add_argument("--only", nargs="*", help="schedule names to run (default: all)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    study.add_arguments(p)
     a = p.parse_args(argv)
     spec = study.load_study(a.config)
-    runs = plan(spec)
-    if a.only:
-        unknown = sorted(set(a.only) - {r["name"] for r in runs})
-        if unknown:
-            raise ConfigError(
-                f"--only {unknown}: not schedules of {a.config}: {[r['name'] for r in runs]}"
-            )
-        runs = [r for r in runs if r["name"] in a.only]
+    runs = study.select(plan(spec, a.set), a.only, a.config)
     for r in runs:
         study.say(f"plan: {r['name']}: w={r['w']} r={r['r']}")
     if a.dry_run:

@@ -38,7 +38,7 @@ MODELS = {
 }
 
 
-def plan(spec) -> list[dict]:
+def plan(spec, extra: list[str] = ()) -> list[dict]:
     """Every run of a study: name, model, seq_len, batch and its train.py argv (checked)."""
     w = [int(x) for x in spec.schedule.segment_lengths]
     r = [int(x) for x in spec.schedule.dilation_rates]
@@ -61,11 +61,12 @@ def plan(spec) -> list[dict]:
         ]
         if run.model == "longnet":
             argv += [f"model.segment_lengths={w}", f"model.dilation_rates={r}"]
-        cfg = study.resolve(argv)
+        cfg = study.resolve([*argv, *extra])
         if run.model == "sparse_transformer":
             block, summary = match_dilated(w, r, length, cfg.model.n_head)
             argv += [f"model.sparse_block={block}", f"model.sparse_summary={summary}"]
-            cfg = study.resolve(argv)
+        argv += extra
+        cfg = study.resolve(argv)
         study.build_on_meta(cfg)  # a config the model refuses fails here, before training
         runs.append(
             {
@@ -84,21 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scale", choices=["tiny", "paper"], default="tiny")
     p.add_argument("--config", help="a study YAML instead of configs/study/paper_table2_<scale>")
-    p.add_argument("--out", help="study directory (default runs/<name>)")
-    p.add_argument("--only", nargs="*", help="run names to train (default: all)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    study.add_arguments(p)
     a = p.parse_args(argv)
     path = a.config or study.ROOT / "configs" / "study" / f"paper_table2_{a.scale}.yaml"
     spec = study.load_study(path)
-    runs = plan(spec)
-    if a.only:
-        unknown = sorted(set(a.only) - {r["name"] for r in runs})
-        if unknown:
-            raise ConfigError(
-                f"--only {unknown}: not runs of {path}; runs: {[r['name'] for r in runs]}"
-            )
-        runs = [r for r in runs if r["name"] in a.only]
+    runs = study.select(plan(spec, a.set), a.only, path)
     out = Path(a.out or study.ROOT / "runs" / spec.name)
     for r in runs:
         m = r["cfg"].model

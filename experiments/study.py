@@ -32,6 +32,33 @@ from lightning_modules.config import ConfigError, load_config, split_argv  # noq
 from models.transformer import ModelConfig, TransformerLM  # noqa: E402
 
 
+def add_arguments(p) -> None:
+    """The options every training study takes."""
+    p.add_argument("--out", help="study directory (default runs/<name>)")
+    p.add_argument("--only", nargs="*", help="names of the runs to do (default: all)")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train.py overrides for every run, after the study's own (e.g. seed=2 "
+        "trainer.devices=8); they do not change run names, so give a new --out",
+    )
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+
+
+def select(runs: list[dict], only: list[str] | None, source) -> list[dict]:
+    """The runs ``--only`` names (all without it); an unknown name is an error."""
+    if not only:
+        return runs
+    names = [r["name"] for r in runs]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ConfigError(f"--only {unknown}: not runs of {source}; its runs: {names}")
+    return [r for r in runs if r["name"] in only]
+
+
 def say(message: str) -> None:
     """Progress, one timestamped line at a time (Lightning's bar shows the steps)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

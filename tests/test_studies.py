@@ -155,5 +155,13 @@ def test_ablation_micro_end_to_end_and_resume(corpus, tmp_path, capsys):
     ablate_dilation.main(["--config", str(config), "--out", str(out), "--only", "flat"])
     log = capsys.readouterr().out
     assert "flat: finished before, skipped" in log and "evaluated before, skipped" in log
-    with pytest.raises(study.ConfigError, match="not schedules of"):
+    with pytest.raises(study.ConfigError, match="not runs of"):
         ablate_dilation.main(["--config", str(config), "--only", "nope", "--dry-run"])
+
+
+def test_set_overrides_every_run_and_is_checked():
+    spec = study.load_study(study.ROOT / "configs" / "study" / "paper_table2_tiny.yaml")
+    runs = paper_table2.plan(spec, ["seed=7", "model.n_layer=2"])
+    assert all(r["cfg"].seed == 7 and r["cfg"].model.n_layer == 2 for r in runs)
+    with pytest.raises(study.ConfigError, match="unknown key model.n_layers"):
+        paper_table2.plan(spec, ["model.n_layers=2"])
