@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from experiments import study  # noqa: E402
+from experiments.attention_scaling import timed  # noqa: E402
 from lightning_modules.config import ConfigError, run_cli  # noqa: E402
 from models.attention.dilated import dilated_attention, validate_schedule  # noqa: E402
 from models.attention.sparse import dilated_keys_per_query  # noqa: E402
@@ -113,21 +112,16 @@ def plan(spec, extra: list[str] = ()) -> list[dict]:
 
 def attention_ms_per_1k(w, r, n: int, heads: int, head_dim: int, repeats: int) -> float:
     """Median forward + backward time of dilated attention alone, in ms per 1K tokens."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (
         torch.randn(1, n, heads, head_dim, generator=gen).to(device).requires_grad_()
         for _ in range(3)
     )
-    times = []
-    for i in range(repeats + 1):  # the first is a warm-up
-        start = time.perf_counter()
-        dilated_attention(q, k, v, w, r, causal=True).sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times) / (n / 1024)
+    seconds, _ = timed(
+        lambda: dilated_attention(q, k, v, w, r, causal=True).sum().backward(), device, repeats
+    )
+    return 1000 * seconds / (n / 1024)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,7 +186,6 @@ def report(spec, runs, lengths, out: Path) -> dict:
         study.markdown(header, rows),
     ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text("\n".join(text) + "\n")
     study.plot_curves(
         out / "ppl_vs_context.png",
         {r["name"]: r["eval"] for r in runs},
@@ -207,11 +200,7 @@ def report(spec, runs, lengths, out: Path) -> dict:
         "mean NLL of the same final tokens",
         f"{spec.name}: prompting curve",
     )
-    results = {"runs": [{k: v for k, v in r.items() if k != "cfg"} for r in ranked]}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    print("\n".join(text))
-    study.say(f"wrote {out}/table.md, results.json, ppl_vs_context.png, prompting.png")
-    return results
+    return study.write_report(out, text, {"runs": ranked}, ["ppl_vs_context.png", "prompting.png"])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ below it), results.json and ppl_vs_context.png.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -61,9 +60,9 @@ def plan(spec, extra: list[str] = ()) -> list[dict]:
         ]
         if run.model == "longnet":
             argv += [f"model.segment_lengths={w}", f"model.dilation_rates={r}"]
-        cfg = study.resolve([*argv, *extra])
-        if run.model == "sparse_transformer":
-            block, summary = match_dilated(w, r, length, cfg.model.n_head)
+        if run.model == "sparse_transformer":  # matched with the run's own head count
+            n_head = study.resolve([*argv, *extra]).model.n_head
+            block, summary = match_dilated(w, r, length, n_head)
             argv += [f"model.sparse_block={block}", f"model.sparse_summary={summary}"]
         argv += extra
         cfg = study.resolve(argv)
@@ -149,7 +148,6 @@ def report(spec, runs, lengths, out: Path) -> dict:
             ),
         ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text("\n".join(text) + "\n")
     curves = {f"{MODELS[r['model']]} @{r['seq_len']}": r["eval"] for r in runs}
     study.plot_curves(
         out / "ppl_vs_context.png",
@@ -158,14 +156,7 @@ def report(spec, runs, lengths, out: Path) -> dict:
         "perplexity",
         f"{spec.name}: trained at the length after @, evaluated by eval.py",
     )
-    results = {
-        "runs": [{k: v for k, v in r.items() if k != "cfg"} for r in runs],
-        "lengths": lengths,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    print("\n".join(text))
-    study.say(f"wrote {out}/table.md, results.json, ppl_vs_context.png")
-    return results
+    return study.write_report(out, text, {"runs": runs, "lengths": lengths}, ["ppl_vs_context.png"])
 
 
 if __name__ == "__main__":

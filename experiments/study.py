@@ -15,6 +15,7 @@ The study's own table and plot are rebuilt from these files at the end of every 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import sys
@@ -140,8 +141,6 @@ def eval_seconds(run_dir: Path) -> float | None:
 
 def prompting(run_dir: Path) -> dict[int, float]:
     """Prompt length -> mean NLL of the fixed suffix, from the run's eval outputs."""
-    import csv
-
     f = run_dir / "eval" / "prompting.csv"
     if not f.exists() or not f.read_text().strip():
         return {}
@@ -192,6 +191,19 @@ def plot_curves(path: Path, curves: dict[str, dict[int, float]], xlabel, ylabel,
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def write_report(out: Path, text: list[str], results: dict, plots: list[str]) -> dict:
+    """table.md and results.json (runs without their resolved configs), the table printed."""
+    results = {
+        **results,
+        "runs": [{k: v for k, v in r.items() if k != "cfg"} for r in results["runs"]],
+    }
+    (out / "table.md").write_text("\n".join(text) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print("\n".join(text))
+    say(f"wrote {out}/table.md, results.json, {', '.join(plots)}")
+    return results
 
 
 def set_threads(threads: int | None) -> None:
