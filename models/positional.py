@@ -72,26 +72,40 @@ def anchor_offsets(positions: torch.Tensor, anchor: int | None) -> torch.Tensor:
     return p - (torch.maximum(start, lo) + end) / 2
 
 
-def xpos_log_scale(positions, head_dim: int, scale_base: float, anchor: int | None):
-    """``log(zeta) * (p - a(p)) / gamma``, ``(N, D/2)`` float64; q is scaled by its exp, k by
-    the exp of its negation. Raises if that would overflow float32."""
-    offsets = anchor_offsets(positions, anchor)
-    log_scale = offsets[:, None] / scale_base * xpos_zeta(head_dim).log().to(positions.device)
-    worst = log_scale.abs().max().item() if log_scale.numel() else 0.0
+def xpos_max_log_scale(n_positions: int, head_dim: int, scale_base: float, anchor: int | None):
+    """The largest ``|log scale|`` over ``n_positions`` consecutive positions, computed on the
+    host: offsets from a block's centre are at most ``(min(anchor, n) - 1) / 2``, and the
+    smallest zeta is ``0.4 / 1.4`` (channel pair 0)."""
+    block = n_positions if anchor is None else min(anchor, n_positions)
+    return max(block - 1, 0) / 2 / scale_base * -math.log(0.4 / 1.4)
+
+
+def check_xpos_range(n_positions: int, head_dim: int, scale_base: float, anchor: int | None):
+    """Raises ValueError when XPOS scales of ``n_positions`` consecutive positions would
+    overflow float32. Pure host arithmetic: no device sync, safe under CUDA graphs."""
+    worst = xpos_max_log_scale(n_positions, head_dim, scale_base, anchor)
     if worst > _MAX_LOG_SCALE:
         span = "the whole sequence" if anchor is None else f"anchor blocks of {anchor}"
         raise ValueError(
-            f"XPOS scales reach exp({worst:.0f}) for {positions.numel()} positions measured from "
+            f"XPOS scales reach exp({worst:.0f}) for {n_positions} positions measured from "
             f"the centre of {span} (xpos_scale_base={scale_base}): float32 overflows above "
             f"exp({_MAX_LOG_SCALE:.0f}). Use position='rope', a shorter sequence, a larger "
             "xpos_scale_base, or dilated attention whose segment lengths divide the largest"
         )
-    return log_scale
+
+
+def xpos_log_scale(positions, head_dim: int, scale_base: float, anchor: int | None):
+    """``log(zeta) * (p - a(p)) / gamma``, ``(N, D/2)`` float64, for consecutive integer
+    ``positions (N,)``; q is scaled by its exp, k by the exp of its negation. Raises if that
+    would overflow float32 (checked on the host, without reading ``positions``)."""
+    check_xpos_range(positions.numel(), head_dim, scale_base, anchor)
+    offsets = anchor_offsets(positions, anchor)
+    return offsets[:, None] / scale_base * xpos_zeta(head_dim).log().to(positions.device)
 
 
 def apply_xpos(q, k, positions, scale_base: float = 512.0, anchor: int | None = None):
-    """XPOS on ``q, k (B, N, H, D)`` at integer ``positions (N,)``; exact relative products for
-    every (query, key) pair inside one anchor block (see the module docstring)."""
+    """XPOS on ``q, k (B, N, H, D)`` at consecutive integer ``positions (N,)``; exact relative
+    products for every (query, key) pair inside one anchor block (see the module docstring)."""
     D = q.shape[-1]
     cos, sin = rotary_angles(positions, D)
     log_scale = xpos_log_scale(positions, D, scale_base, anchor)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.backends import flash_attn_available
+from models.attention.backends import flash_unsupported
 from models.attention.dilated import check_coverage, dilated_attention, validate_schedule
 from models.attention.sliding import blockwise_attention, check_window, sliding_window_attention
 from models.attention.sparse import (
@@ -141,8 +141,8 @@ class Attention(nn.Module):
             return sliding_window_attention(q, k, v, cfg.window)
         if cfg.blockwise is not None:
             return blockwise_attention(q, k, v, cfg.blockwise)
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
-            from flash_attn import flash_attn_func
+        if q.is_cuda and flash_unsupported(q) is None:
+            from flash_attn import flash_attn_func  # pads head_dim itself
 
             return flash_attn_func(q, k, v, causal=True)
         y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)

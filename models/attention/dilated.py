@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from models.attention.backends import BACKENDS, resolve_backend
-from models.attention.mixing import Block, Call, chunked, mixed_attention
+from models.attention.mixing import Block, Call, Plan, chunked, mixed_attention, plan
 
 # Construction-time coverage check looks at one full period of the pattern, if it is this short.
 _MAX_PERIOD_CHECKED = 2**22
@@ -185,9 +185,19 @@ def dilated_attention(
 ) -> torch.Tensor:
     """Dilated attention of ``q, k, v`` ``(B, N, H, D)``; returns ``(B, N, H, D)`` in q's dtype.
 
-    ``scale`` defaults to ``1/sqrt(D)``. ``backend``: ``"auto"`` (flash-attn on CUDA with
-    fp16/bf16 when installed, torch otherwise), ``"torch"``, ``"flash"`` or ``"math"``.
+    ``scale`` defaults to ``1/sqrt(D)``. ``backend``: ``"auto"`` (flash-attn where it runs the
+    call, torch's fused kernels otherwise, plain matmuls for float64 on CUDA), ``"torch"``,
+    ``"flash"`` or ``"math"``.
     """
+    return mixed_attention(
+        dilated_plan(q, k, v, segment_lengths, dilation_rates, causal, scale, backend)
+    )
+
+
+def dilated_plan(
+    q, k, v, segment_lengths, dilation_rates, causal=True, scale=None, backend="auto"
+) -> Plan:
+    """The checked inputs and kernel calls of :func:`dilated_attention`, not yet run."""
     pairs = validate_schedule(segment_lengths, dilation_rates)
     _check_qkv(q, k, v)
     B, N, H, D = q.shape
@@ -200,7 +210,7 @@ def dilated_attention(
     calls = dilated_calls(pairs, B, N, H, bool(causal))
     # a first pair with r = 1 keeps every (position, head): accumulators need no initialising
     covers_all = pairs[0][1] == 1
-    return mixed_attention(q, [(k, v)], calls, covers_all, float(scale), backend)
+    return plan(q, [(k, v)], calls, covers_all=covers_all, scale=scale, backend=backend)
 
 
 class DilatedAttention(nn.Module):

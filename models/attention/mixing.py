@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from models.attention.backends import attention_backward, attention_forward
+from models.attention.backends import MAX_CUDA_GROUPS, attention_backward, attention_forward
 
 # Rows (position x head) per kernel call: 2**19 rows of D=64 fp32 is 128 MiB per tensor.
 CHUNK_ROWS = 2**19
@@ -88,8 +88,9 @@ class Call:
 
 
 def chunked(call: Call) -> list[Call]:
-    """Cuts a call into calls of at most CHUNK_ROWS query rows (whole groups)."""
-    per = max(1, CHUNK_ROWS // (call.q.rows * call.q.heads))
+    """Cuts a call into calls of at most CHUNK_ROWS query rows (whole groups), and at most
+    MAX_CUDA_GROUPS groups (the CUDA kernels' grid limit)."""
+    per = min(MAX_CUDA_GROUPS, max(1, CHUNK_ROWS // (call.q.rows * call.q.heads)))
     if call.q.groups <= per:
         return [call]
     return [
@@ -117,27 +118,72 @@ def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
     if mask is None:
         return None
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(~mask, float("-inf"))
+    return bias.masked_fill_(mask.logical_not(), float("-inf"))
 
 
-def _forward(q, sources, calls, covers_all, scale, backend):
-    """Returns the mixed output ``o (B, N, H, D)`` and LSE ``lse (B, N, H)`` in the
+@dataclass(frozen=True)
+class Plan:
+    """One union-softmax attention, ready to run: queries ``q (B, N, H, D)``, key/value
+    ``sources`` ``((k, v), ...)`` each ``(B, L, H, D)``, the kernel ``calls`` over their
+    blocks, and how to run them. Built by :func:`plan`; each attention pattern (dilated,
+    sparse, sliding) is a function that makes one. ``covers_all``: the ``first`` calls together
+    cover every (position, head) of q, so accumulators need no initialisation."""
+
+    q: torch.Tensor
+    sources: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    calls: tuple[Call, ...]
+    covers_all: bool
+    scale: float
+    backend: str
+
+    def with_tensors(self, q: torch.Tensor, kv) -> Plan:
+        """The same plan over other tensors of the same layout (the autograd inputs)."""
+        sources = tuple(tuple(kv[i : i + 2]) for i in range(0, len(kv), 2))
+        return replace(self, q=q, sources=sources)
+
+    @property
+    def kv(self) -> list[torch.Tensor]:
+        return [x for src in self.sources for x in src]
+
+
+def plan(q, sources, calls, *, covers_all: bool, scale: float, backend: str) -> Plan:
+    """A :class:`Plan`; tensors whose batch rows or heads are not laid out as blocks expect
+    are copied once (:func:`strided_ok`). Every (position, head) of q must be covered."""
+    return Plan(
+        strided_ok(q),
+        tuple(tuple(strided_ok(x) for x in src) for src in sources),
+        tuple(calls),
+        covers_all,
+        float(scale),
+        backend,
+    )
+
+
+def mixed_forward(p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixed output ``(B, N, H, D)`` in q's dtype and the mixed LSE ``(B, N, H)`` in the
     accumulation dtype (float32, or float64 for float64 inputs)."""
+    q = p.q
     B, N, H, D = q.shape
     acc = _acc_dtype(q.dtype)
-    new = torch.empty if covers_all else torch.zeros
+    new = torch.empty if p.covers_all else torch.zeros
     o = new((B, N, H, D), dtype=acc, device=q.device)
     lse = torch.empty((B, N, H), dtype=acc, device=q.device)
-    if not covers_all:
+    if not p.covers_all:
         lse.fill_(float("-inf"))
-    for call in calls:
-        k, v = sources[call.source]
+    for call in p.calls:
+        k, v = p.sources[call.source]
         mask = _additive(call.mask, q.dtype)
         out, l_blk = attention_forward(
-            call.q.view(q), call.kv.view(k), call.kv.view(v), call.causal, scale, mask, backend
+            call.q.view(q),
+            call.kv.view(k),
+            call.kv.view(v),
+            call.causal,
+            p.scale,
+            mask,
+            p.backend,
         )
         _merge(call.q.view(o), call.q.view(lse), out, l_blk, fresh=call.first)
-    return o, lse
+    return o.to(q.dtype), lse
 
 
 def _merge(o, lse, out, l_blk, fresh: bool) -> None:
@@ -152,81 +198,65 @@ def _merge(o, lse, out, l_blk, fresh: bool) -> None:
     lse.copy_(new)
 
 
-def _backward(dout, q, sources, o, lse, calls, covers_all, scale, backend):
-    """Each call's kernel backward, run with the mixed output and mixed LSE."""
-    acc = o.dtype
-    dq = (torch.empty if covers_all else torch.zeros)(q.shape, dtype=acc, device=q.device)
+def mixed_backward(p: Plan, dout, out, lse):
+    """Gradients ``(dq, [(dk, dv), ...])`` in the inputs' dtypes: each call's kernel backward,
+    run with the mixed output ``out`` (q's dtype, as the kernels take it) and mixed LSE."""
+    q, acc = p.q, lse.dtype
+    dout = strided_ok(dout)
+    dq = (torch.empty if p.covers_all else torch.zeros)(q.shape, dtype=acc, device=q.device)
     dkv = [
         [
-            (torch.empty if covers_all and i == 0 else torch.zeros)(
+            (torch.empty if p.covers_all and i == 0 else torch.zeros)(
                 x.shape, dtype=acc, device=x.device
             )
             for x in src
         ]
-        for i, src in enumerate(sources)
+        for i, src in enumerate(p.sources)
     ]
-    o = o.to(q.dtype)
-    for call in calls:
-        k, v = sources[call.source]
+    for call in p.calls:
+        k, v = p.sources[call.source]
         mask = _additive(call.mask, q.dtype)
         q_views = [call.q.view(x) for x in (dout, q)]
         kv_views = [call.kv.view(x) for x in (k, v)]
         parts = attention_backward(
             *q_views,
             *kv_views,
-            call.q.view(o),
+            call.q.view(out),
             call.q.view(lse),
             call.causal,
-            scale,
+            p.scale,
             mask,
-            backend,
+            p.backend,
         )
         targets = [call.q.view(dq), *(call.kv.view(g) for g in dkv[call.source])]
         for target, part in zip(targets, parts, strict=True):
             target.copy_(part) if call.first else target.add_(part)
     return dq.to(q.dtype), [
         [g.to(x.dtype) for g, x in zip(gs, src, strict=True)]
-        for gs, src in zip(dkv, sources, strict=True)
+        for gs, src in zip(dkv, p.sources, strict=True)
     ]
 
 
 class _MixedAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, calls, covers_all, scale, backend, *kv):
-        sources = [tuple(kv[i : i + 2]) for i in range(0, len(kv), 2)]
-        o, lse = _forward(q, sources, calls, covers_all, scale, backend)
-        ctx.save_for_backward(q, o, lse, *kv)
-        ctx.args = (calls, covers_all, scale, backend)
-        return o.to(q.dtype)
+    def forward(ctx, p: Plan, q, *kv):
+        p = p.with_tensors(q, kv)
+        out, lse = mixed_forward(p)  # out in q's dtype: no float32 copy is kept
+        ctx.save_for_backward(q, out, lse, *kv)
+        ctx.plan = p.with_tensors(None, [None] * len(kv))  # tensors live in saved_tensors
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, o, lse, *kv = ctx.saved_tensors
-        sources = [tuple(kv[i : i + 2]) for i in range(0, len(kv), 2)]
-        calls, covers_all, scale, backend = ctx.args
-        dq, dkv = _backward(strided_ok(dout), q, sources, o, lse, calls, covers_all, scale, backend)
-        return dq, None, None, None, None, *(g for pair in dkv for g in pair)
+        q, out, lse, *kv = ctx.saved_tensors
+        dq, dkv = mixed_backward(ctx.plan.with_tensors(q, kv), dout, out, lse)
+        return None, dq, *(g for pair in dkv for g in pair)
 
 
-def mixed_attention(
-    q: torch.Tensor,
-    sources: list[tuple[torch.Tensor, torch.Tensor]],
-    calls: list[Call],
-    covers_all: bool,
-    scale: float,
-    backend: str,
-) -> torch.Tensor:
-    """Union-softmax attention of ``q (B, N, H, D)`` over the blocks that ``calls`` name.
-
-    ``sources``: ``[(k, v), ...]``, each ``(B, L, H, D)``; source 0 is usually the keys and
-    values at the queries' own positions. ``covers_all``: the ``first`` calls together cover
-    every (position, head) of q, so accumulators need no initialisation. Every (position, head)
-    must be covered by some call. Returns ``(B, N, H, D)`` in q's dtype.
-    """
-    q = strided_ok(q)
-    sources = [tuple(strided_ok(x) for x in src) for src in sources]
-    flat = [x for src in sources for x in src]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, *flat)):
-        return _MixedAttentionFn.apply(q, calls, covers_all, scale, backend, *flat)
-    return _forward(q, sources, calls, covers_all, scale, backend)[0].to(q.dtype)
+def mixed_attention(p: Plan) -> torch.Tensor:
+    """Runs a :class:`Plan`: union-softmax attention, ``(B, N, H, D)`` in q's dtype, with the
+    exact backward when any input needs a gradient."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (p.q, *p.kv)):
+        return _MixedAttentionFn.apply(p, p.q, *p.kv)
+    return mixed_forward(p)[0]

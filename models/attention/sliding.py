@@ -15,7 +15,7 @@ import math
 import torch
 
 from models.attention.backends import resolve_backend
-from models.attention.mixing import Call, chunked, contiguous_block, mixed_attention
+from models.attention.mixing import Call, Plan, chunked, contiguous_block, mixed_attention, plan
 
 
 def check_window(window: int) -> int:
@@ -58,10 +58,10 @@ def _previous_chunk_calls(window, batch, n, n_head, mask) -> list[Call]:
 
 
 def _rows(mask, rows):
-    return None if mask is None else mask[:rows]
+    return None if mask is None else mask.narrow(0, 0, rows)
 
 
-def _chunked_attention(q, k, v, chunk, sliding: bool, scale, backend) -> torch.Tensor:
+def chunked_plan(q, k, v, chunk, sliding: bool, scale=None, backend="auto") -> Plan:
     """Causal attention inside chunks of ``chunk`` positions, plus the previous chunk: under
     the sliding mask (key b seen from row a iff b > a), or whole (blockwise)."""
     chunk = check_window(chunk)
@@ -71,16 +71,16 @@ def _chunked_attention(q, k, v, chunk, sliding: bool, scale, backend) -> torch.T
     calls = local_calls(chunk, B, N, H)
     if chunk < N:
         a = torch.arange(chunk, device=q.device)
-        mask = a[None, :] > a[:, None] if sliding else None
+        mask = a.unsqueeze(0) > a.unsqueeze(1) if sliding else None  # (chunk, chunk)
         calls += _previous_chunk_calls(chunk, B, N, H, mask)
-    return mixed_attention(q, [(k, v)], calls, True, float(scale), backend)
+    return plan(q, [(k, v)], calls, covers_all=True, scale=scale, backend=backend)
 
 
 def sliding_window_attention(
     q, k, v, window: int, scale: float | None = None, backend: str = "auto"
 ) -> torch.Tensor:
     """Causal sliding-window attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``."""
-    return _chunked_attention(q, k, v, window, True, scale, backend)
+    return mixed_attention(chunked_plan(q, k, v, window, True, scale, backend))
 
 
 def blockwise_attention(
@@ -88,4 +88,4 @@ def blockwise_attention(
 ) -> torch.Tensor:
     """Blockwise causal attention (Sun et al., 2022, used to run a dense model beyond its
     training length): queries of block t attend causally inside block t and all of block t-1."""
-    return _chunked_attention(q, k, v, block, False, scale, backend)
+    return mixed_attention(chunked_plan(q, k, v, block, False, scale, backend))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from models.attention.backends import resolve_backend
-from models.attention.mixing import Call, chunked, contiguous_block, mixed_attention
+from models.attention.mixing import Call, Plan, chunked, contiguous_block, mixed_attention, plan
 from models.attention.sliding import local_calls
 
 
@@ -35,8 +35,8 @@ def _summaries(x: torch.Tensor, block: int, summary: int) -> torch.Tensor:
     # (B, N, H, D) -> (B, n_full * summary, H, D): the last `summary` rows of each full block
     B, N, H, D = x.shape
     n_full = N // block
-    blocks = x[:, : n_full * block].reshape(B, n_full, block, H, D)
-    return blocks[:, :, block - summary :].reshape(B, n_full * summary, H, D)
+    blocks = x.narrow(1, 0, n_full * block).reshape(B, n_full, block, H, D)
+    return blocks.narrow(2, block - summary, summary).reshape(B, n_full * summary, H, D)
 
 
 def sparse_attention(
@@ -49,6 +49,11 @@ def sparse_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Fixed-pattern causal sparse attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``."""
+    return mixed_attention(sparse_plan(q, k, v, block, summary, scale, backend))
+
+
+def sparse_plan(q, k, v, block, summary, scale=None, backend="auto") -> Plan:
+    """The kernel calls of :func:`sparse_attention`, not yet run."""
     block, summary = check_pattern(block, summary)
     B, N, H, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -62,7 +67,7 @@ def sparse_attention(
             q_blk = contiguous_block(0, t * block, B, 0, rows, H)
             kv_blk = contiguous_block(0, 0, B, 0, t * summary, H)
             calls += chunked(Call(q_blk, kv_blk, causal=False, source=1))
-    return mixed_attention(q, sources, calls, True, float(scale), backend)
+    return plan(q, sources, calls, covers_all=True, scale=scale, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------
