@@ -1,8 +1,9 @@
 """Dilated attention against a reference written from the definition (LongNet, sec. 2.2-2.3).
 
-The reference builds, for every (head, query), the multiset of keys that the pairs selecting
-that query attend, and takes one softmax over it, in float64, with autograd for gradients. It
-shares no code with the implementation.
+The reference (tests/support/references.py) builds, for every (head, query), the multiset of
+keys that the pairs selecting that query attend, and takes one softmax over it, in float64,
+with autograd for gradients. It shares no code with the implementation. GPU runs of the same
+comparison: tests/test_gpu.py.
 """
 
 import math
@@ -11,35 +12,9 @@ import pytest
 import torch
 
 from models.attention.dilated import DilatedAttention, dilated_attention
+from tests.support.references import dilated_attention_ref, key_multiplicity
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
-
-
-def key_multiplicity(n, n_head, segment_lengths, dilation_rates, causal):
-    """count[h, i, j]: how many pairs let query i attend key j in head h."""
-    count = torch.zeros(n_head, n, n, dtype=torch.float64)
-    p = torch.arange(n)
-    for w, r in zip(segment_lengths, dilation_rates, strict=True):
-        segment = p // w  # w >= n gives one segment
-        offset = p - segment * w
-        for h in range(n_head):
-            kept = offset % r == h % r
-            pair = kept[:, None] & kept[None, :] & (segment[:, None] == segment[None, :])
-            if causal:
-                pair &= p[None, :] <= p[:, None]
-            count[h] += pair
-    return count
-
-
-def dilated_attention_ref(q, k, v, segment_lengths, dilation_rates, causal=True, scale=None):
-    """One softmax over the multiset union of attended keys: weight of key j is count*exp(s)."""
-    B, N, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q, k, v = q.double(), k.double(), v.double()
-    count = key_multiplicity(N, H, segment_lengths, dilation_rates, causal)
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale + count.log()  # log 0 = -inf
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhij,bjhd->bihd", probs, v)
 
 
 def detached_mixing_ref(q, k, v, segment_lengths, dilation_rates, causal=True):
@@ -250,27 +225,3 @@ def test_bad_backend_and_scale_are_rejected():
         dilated_attention(q, q, q, [8], [1], backend="flash")
     with pytest.raises(ValueError, match="scale"):
         dilated_attention(q, q, q, [8], [1], scale=-1.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# GPU: the same reference, bf16 and fp32, every backend that the machine has
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("causal", [True, False])
-def test_cuda_matches_reference(dtype, causal):
-    segs, rates = [16, 32, 64, 128], [1, 2, 4, 6]
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 200, 12, 64, generator=gen) for _ in range(3))
-    grad_out = torch.randn(2, 200, 12, 64, generator=gen)
-    leaves = [x.cuda().to(dtype).requires_grad_() for x in (q, k, v)]
-    out = dilated_attention(*leaves, segs, rates, causal=causal)
-    (out.float() * grad_out.cuda()).sum().backward()
-    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
-    ref = dilated_attention_ref(*ref_in, segs, rates, causal)
-    (ref * grad_out.double()).sum().backward()
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=0)
-    for leaf, r in zip(leaves, ref_in, strict=True):
-        torch.testing.assert_close(leaf.grad.double().cpu(), r.grad, atol=10 * tol, rtol=0)

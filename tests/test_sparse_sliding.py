@@ -1,7 +1,5 @@
 """Sparse (fixed) and sliding-window attention against dense attention with an explicit mask."""
 
-import math
-
 import pytest
 import torch
 
@@ -12,27 +10,13 @@ from models.attention.sparse import (
     sparse_attention,
     sparse_keys_per_query,
 )
-
-
-def sliding_mask(n, window):
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    return (j <= i) & (j > i - window)
-
-
-def sparse_mask(n, block, summary):
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    same_block = (i // block == j // block) & (j <= i)
-    earlier_summary = (j // block < i // block) & (j % block >= block - summary)
-    return same_block | earlier_summary
-
-
-def masked_attention_ref(q, k, v, mask):
-    q, k, v = q.double(), k.double(), v.double()
-    s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-    return torch.einsum("bhij,bjhd->bihd", p, v)
+from tests.support.references import (
+    blockwise_mask,
+    key_multiplicity,
+    masked_attention_ref,
+    sliding_mask,
+    sparse_mask,
+)
 
 
 def check_against(fn, mask, B, N, H, D, seed=0):
@@ -87,8 +71,6 @@ def test_sparse_cost_counts_the_mask(block, summary, n):
 
 
 def test_dilated_cost_counts_pairs():
-    from tests.test_dilated_attention import key_multiplicity
-
     segs, rates, n, h = [8, 16, 32], [1, 2, 6], 70, 4
     count = key_multiplicity(n, h, segs, rates, causal=True)
     assert dilated_keys_per_query(segs, rates, n, h) == pytest.approx(count.sum().item() / (n * h))
@@ -112,12 +94,6 @@ def test_match_dilated_is_close_in_cost():
 def test_bad_patterns_are_rejected(fn, message):
     with pytest.raises(ValueError, match=message):
         fn(torch.randn(1, 8, 2, 4))
-
-
-def blockwise_mask(n, block):
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    return (j <= i) & (j // block >= i // block - 1)
 
 
 @pytest.mark.parametrize("B,N,block", [(1, 64, 16), (2, 50, 16), (1, 10, 32), (1, 21, 20)])

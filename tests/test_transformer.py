@@ -138,3 +138,23 @@ def test_bad_tokens_are_rejected():
     model = TransformerLM(small("dense"))
     with pytest.raises(ValueError, match="tokens must be"):
         model(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("position", ["xpos", "rope"])
+@pytest.mark.parametrize("attention", list(PATTERNS))
+def test_forward_reads_no_tensor_value_on_the_host(attention, position):
+    """No .item()/bool() of a tensor in a forward: on CUDA each would stall the launch queue
+    per layer and break CUDA graphs and torch.compile. Fake tensors carry no values, so any
+    such read raises here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from models.attention.dilated import check_coverage, validate_schedule
+
+    config = small(attention, position=position)
+    # the schedule check is host work on its own small tensors, cached: done before fake mode
+    check_coverage(validate_schedule(config.segment_lengths, config.dilation_rates), 4, 40)
+    with FakeTensorMode():
+        model = TransformerLM(config)
+        with torch.no_grad():
+            logits = model(torch.zeros(2, 40, dtype=torch.long))
+    assert logits.shape == (2, 40, 64)
