@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick table2 ablate throughput clean
+.PHONY: demo test test-slow lint format bench bench-quick gpu-check table2 ablate throughput clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) experiments/attention_scaling.py --quick
+
+# On a CUDA machine (~8 min): GPU tests, attention benchmark 32K-1M, 200 steps of longnet_base
+# at 32K tokens; writes runs/gpu-check/report.md. Uses .venv when made, else the machine's
+# python3 as it is (no install: GPU machines often have their own torch). Refuses without CUDA.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) experiments/gpu_check.py
 
 # the studies of experiments/README.md (resumable: a second call skips finished runs)
 table2: $(STAMP)

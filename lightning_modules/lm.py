@@ -83,13 +83,18 @@ class CausalLM(L.LightningModule):
         self.log("train/ppl", loss.detach().exp())
         return loss
 
+    def _now(self) -> float:
+        if self.device.type == "cuda":  # kernels run asynchronously: time what they did
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def on_train_batch_start(self, batch, batch_idx):
-        self._step_start = time.perf_counter()
+        self._step_start = self._now()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._step_start is None:
             return
-        seconds = time.perf_counter() - self._step_start
+        seconds = self._now() - self._step_start
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens_per_s", tokens / seconds, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
