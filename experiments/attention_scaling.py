@@ -134,12 +134,15 @@ def floor_runs(n, args):
 
     def fwd():
         return [
-            attention_forward(q, k, v, True, scale, backend=args.backend) for q, k, v, _ in blocks
+            attention_forward(q, k, v, causal=True, scale=scale, backend=args.backend)
+            for q, k, v, _ in blocks
         ]
 
     def fwd_bwd():
         for (q, k, v, do), (out, lse) in zip(blocks, fwd(), strict=True):
-            attention_backward(do, q, k, v, out, lse, True, scale, backend=args.backend)
+            attention_backward(
+                do, q, k, v, out, lse, causal=True, scale=scale, backend=args.backend
+            )
 
     with torch.inference_mode():
         floor_fwd, _ = timed(fwd, args.device, args.repeats_for(n))

@@ -86,8 +86,9 @@ def test_flash_27_custom_ops_are_called_by_their_schema_names(h200):
         assert [name for name, _ in params][:3] == ["q", "k", "v"]
         with fake_cuda():
             q = torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16)
-            out, lse = attention_forward(q, q, q, True, 0.125, backend="flash")
-            grads = attention_backward(out, q, q, q, out, lse, True, 0.125, backend="flash")
+            kw = dict(causal=True, scale=0.125, backend="flash")
+            out, lse = attention_forward(q, q, q, **kw)
+            grads = attention_backward(out, q, q, q, out, lse, **kw)
     assert out.shape == q.shape and lse.shape == (2, 64, 4) and grads[0].shape == q.shape
 
 

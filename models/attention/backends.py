@@ -7,8 +7,8 @@ the ones the kernel produced (the ring-attention trick). Public attention functi
 neither, so this layer wraps the private kernel entry points of each library behind one
 interface:
 
-    out, lse = attention_forward(q, k, v, causal, scale, mask, backend)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal, scale, mask, backend)
+    out, lse = attention_forward(q, k, v, causal=..., scale=..., mask=..., backend=...)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=..., scale=..., ...)
 
 Layouts: ``q, out, dout``: ``(G, M, H, D)`` (flash-attn's layout; G folds batch and blocks);
 ``k, v``: ``(G, M_kv, H, D)``; any strides with the last dimension contiguous. ``lse``:
@@ -183,7 +183,7 @@ def _pad_head_dim(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [F.pad(x, (0, pad)) if pad else x for x in xs]
 
 
-def attention_forward(q, k, v, causal: bool, scale: float, mask=None, backend="torch"):
+def attention_forward(q, k, v, *, causal: bool, scale: float, mask=None, backend="torch"):
     """Returns ``out (G, M, H, D)`` in q's dtype and ``lse (G, M, H)``."""
     if backend == "math":
         return _math_forward(q, k, v, causal, scale, mask)
@@ -199,7 +199,7 @@ def attention_forward(q, k, v, causal: bool, scale: float, mask=None, backend="t
 
 
 def attention_backward(
-    dout, q, k, v, out, lse, causal: bool, scale: float, mask=None, backend="torch"
+    dout, q, k, v, out, lse, *, causal: bool, scale: float, mask=None, backend="torch"
 ):
     """Gradients of q, k, v for a softmax whose normaliser is ``lse`` and output ``out``
     (which may come from a larger softmax that this call is only a part of)."""

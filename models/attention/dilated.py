@@ -119,25 +119,29 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _head_groups(r: int, n_head: int, length: int):
-    """(first offset c, first head, heads, head_step, head_pos, rows) of the blocks that cover
-    a segment of ``length`` positions for dilation ``r``.
+    """Keyword arguments of the :class:`Block` s (first offset ``pos``, heads and their
+    strides, rows) that cover a segment of ``length`` positions for dilation ``r``.
 
     Head h keeps the positions ``c + j*r`` (c = h mod r) of each segment, so the heads of one
-    offset c form a dense block (``head_step = r, head_pos = 0``), and so do the heads
-    ``a*r + c`` for a run of consecutive offsets c with equal row counts (``head_step = 1,
-    head_pos = 1``). Whichever needs fewer kernel calls is used.
+    offset c form a dense block (heads c, c+r, ...: ``head_stride = r``), and so do the heads
+    ``a*r + c`` for a run of consecutive offsets c with equal row counts (``head_stride = 1``,
+    ``head_pos_stride = 1``: the next head keeps the next position). Whichever needs fewer
+    kernel calls is used.
     """
     n_a = -(-n_head // r)
     if n_a >= min(r, n_head):  # one block per offset c: heads c, c+r, c+2r, ...
         for c in range(min(r, n_head)):
-            yield c, c, len(range(c, n_head, r)), r, 0, -(-(length - c) // r)
+            heads, rows = len(range(c, n_head, r)), -(-(length - c) // r)
+            yield dict(pos=c, head=c, heads=heads, head_stride=r, head_pos_stride=0, rows=rows)
         return
     split = length % r  # offsets below it have one row more
     for a in range(n_a):  # one block per run of offsets with equal rows: heads a*r + c
         c_end = min(r, n_head - a * r)
         for lo, hi, rows in ((0, split, length // r + 1), (split, r, length // r)):
             if min(hi, c_end) > lo:
-                yield lo, a * r + lo, min(hi, c_end) - lo, 1, 1, rows
+                heads = min(hi, c_end) - lo
+                yield dict(pos=lo, head=a * r + lo, heads=heads, head_stride=1, head_pos_stride=1,
+                           rows=rows)  # fmt: skip
 
 
 def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[Block]:
@@ -145,17 +149,18 @@ def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[Block]:
     w = min(w, n)  # w >= N: one segment holding the whole sequence
     n_full, tail = divmod(n, w)
     out = []
-    for c, head, heads, h_step, h_pos, rows in _head_groups(r, n_head, w):
-        if rows <= 0:
+    for geometry in _head_groups(r, n_head, w):
+        if geometry["rows"] <= 0:
             continue
-        block = Block(0, c, n_full, w, head, heads, h_step, h_pos, rows, r)
+        block = Block(**geometry, groups=n_full, group_stride=w, row_stride=r)
         if tail == 0:  # batch rows line up with segments: fold them together
             out.append(replace(block, groups=batch * n_full))
         else:
             out += [replace(block, batch=b) for b in range(batch)]
-    for c, head, heads, h_step, h_pos, rows in _head_groups(r, n_head, tail):
-        if rows > 0:  # the last, shorter segment of every batch row
-            out.append(Block(0, n_full * w + c, batch, 0, head, heads, h_step, h_pos, rows, r))
+    for geometry in _head_groups(r, n_head, tail):
+        if geometry["rows"] > 0:  # the last, shorter segment of every batch row
+            geometry["pos"] += n_full * w
+            out.append(Block(**geometry, groups=batch, group_stride=0, row_stride=r))
     return out
 
 
@@ -165,7 +170,7 @@ def dilated_calls(pairs: Schedule, batch: int, n: int, n_head: int, causal: bool
         call
         for i, (w, r) in enumerate(pairs)
         for block in _blocks(w, r, batch, n, n_head)
-        for call in chunked(Call(block, block, causal, first=i == 0))
+        for call in chunked(Call(q=block, kv=block, causal=causal, first=i == 0))
     ]
 
 

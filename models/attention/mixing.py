@@ -29,48 +29,56 @@ from models.attention.backends import MAX_CUDA_GROUPS, attention_backward, atten
 CHUNK_ROWS = 2**19
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Block:
     """A dense ``(G, M, A)`` block of (group, row, head) that is a strided view of a
     ``(B, L, H, ...)`` tensor: row j of head i in group g sits at position
-    ``pos + g*group_step + j*step + i*head_pos`` and head ``head + i*head_step`` of batch row
-    ``batch`` (or ``batch + g`` when ``group_step == 0``: groups are then batch rows).
+    ``pos + g*group_stride + j*row_stride + i*head_pos_stride`` and head
+    ``head + i*head_stride`` of batch row ``batch`` (or ``batch + g`` when
+    ``group_stride == 0``: groups are then batch rows). Strides count positions and heads.
     """
 
-    batch: int
-    pos: int
-    groups: int
-    group_step: int
-    head: int
-    heads: int
-    head_step: int
-    head_pos: int
-    rows: int
-    step: int
+    batch: int = 0  # first batch row
+    pos: int = 0  # position of row 0, head 0, group 0
+    groups: int  # G
+    group_stride: int  # positions between groups (0: one group per batch row)
+    head: int = 0  # first head
+    heads: int  # A
+    head_stride: int = 1  # heads between consecutive heads of the block
+    head_pos_stride: int = 0  # positions between consecutive heads of the block
+    rows: int  # M
+    row_stride: int = 1  # positions between consecutive rows
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, H, ...) strided tensor -> (G, M, A, ...) view, no copy."""
         s_b, s_n, s_h, *rest = x.stride()
-        group = self.group_step * s_n if self.group_step else s_b
+        group = self.group_stride * s_n if self.group_stride else s_b
         return x.as_strided(
             (self.groups, self.rows, self.heads, *x.shape[3:]),
-            (group, self.step * s_n, self.head_pos * s_n + self.head_step * s_h, *rest),
+            (
+                group,
+                self.row_stride * s_n,
+                self.head_pos_stride * s_n + self.head_stride * s_h,
+                *rest,
+            ),
             x.storage_offset() + self.batch * s_b + self.pos * s_n + self.head * s_h,
         )
 
     def split(self, start: int, count: int) -> Block:
         """Groups [start, start + count) of this block."""
-        if self.group_step:
-            return replace(self, groups=count, pos=self.pos + start * self.group_step)
+        if self.group_stride:
+            return replace(self, groups=count, pos=self.pos + start * self.group_stride)
         return replace(self, groups=count, batch=self.batch + start)
 
 
-def contiguous_block(batch, pos, groups, group_step, rows, n_head) -> Block:
+def contiguous_block(*, batch=0, pos=0, groups, group_stride, rows, n_head) -> Block:
     """All heads of ``rows`` consecutive positions, in ``groups`` groups."""
-    return Block(batch, pos, groups, group_step, 0, n_head, 1, 0, rows, 1)
+    return Block(
+        batch=batch, pos=pos, groups=groups, group_stride=group_stride, heads=n_head, rows=rows
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Call:
     """One kernel call: queries ``q`` attend keys/values ``kv`` of source ``source``.
 
@@ -177,10 +185,10 @@ def mixed_forward(p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
             call.q.view(q),
             call.kv.view(k),
             call.kv.view(v),
-            call.causal,
-            p.scale,
-            mask,
-            p.backend,
+            causal=call.causal,
+            scale=p.scale,
+            mask=mask,
+            backend=p.backend,
         )
         _merge(call.q.view(o), call.q.view(lse), out, l_blk, fresh=call.first)
     return o.to(q.dtype), lse
@@ -223,10 +231,10 @@ def mixed_backward(p: Plan, dout, out, lse):
             *kv_views,
             call.q.view(out),
             call.q.view(lse),
-            call.causal,
-            p.scale,
-            mask,
-            p.backend,
+            causal=call.causal,
+            scale=p.scale,
+            mask=mask,
+            backend=p.backend,
         )
         targets = [call.q.view(dq), *(call.kv.view(g) for g in dkv[call.source])]
         for target, part in zip(targets, parts, strict=True):

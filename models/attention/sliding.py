@@ -29,13 +29,21 @@ def local_calls(block: int, batch: int, n: int, n_head: int) -> list[Call]:
     shorter); disjoint and covering every position, so they come first and are copied."""
     block = min(block, n)
     n_full, tail = divmod(n, block)
+    size = dict(rows=block, n_head=n_head)
     calls = []
     if tail == 0:  # batch rows line up with blocks: fold them together
-        calls.append(contiguous_block(0, 0, batch * n_full, block, block, n_head))
+        calls.append(contiguous_block(groups=batch * n_full, group_stride=block, **size))
     else:
-        calls += [contiguous_block(b, 0, n_full, block, block, n_head) for b in range(batch)]
-        calls.append(contiguous_block(0, n_full * block, batch, 0, tail, n_head))
-    return [c for blk in calls for c in chunked(Call(blk, blk, causal=True, first=True))]
+        calls += [
+            contiguous_block(batch=b, groups=n_full, group_stride=block, **size)
+            for b in range(batch)
+        ]
+        calls.append(
+            contiguous_block(
+                pos=n_full * block, groups=batch, group_stride=0, rows=tail, n_head=n_head
+            )  # fmt: skip
+        )
+    return [c for blk in calls for c in chunked(Call(q=blk, kv=blk, causal=True, first=True))]
 
 
 def _previous_chunk_calls(window, batch, n, n_head, mask) -> list[Call]:
@@ -47,13 +55,15 @@ def _previous_chunk_calls(window, batch, n, n_head, mask) -> list[Call]:
     rows = window if mask is None else window - 1
     if n_full > 1 and rows > 0:
         for b in range(batch):  # chunk 0 has no previous chunk, so batch rows cannot fold
-            q = contiguous_block(b, window, n_full - 1, window, rows, n_head)
-            kv = contiguous_block(b, 0, n_full - 1, window, window, n_head)
-            calls += chunked(Call(q, kv, causal=False, mask=_rows(mask, rows)))
+            chunks = dict(batch=b, groups=n_full - 1, group_stride=window, n_head=n_head)
+            q = contiguous_block(pos=window, rows=rows, **chunks)
+            kv = contiguous_block(pos=0, rows=window, **chunks)
+            calls += chunked(Call(q=q, kv=kv, causal=False, mask=_rows(mask, rows)))
     if tail and min(tail, rows) > 0:
-        q = contiguous_block(0, n_full * window, batch, 0, min(tail, rows), n_head)
-        kv = contiguous_block(0, (n_full - 1) * window, batch, 0, window, n_head)
-        calls += chunked(Call(q, kv, causal=False, mask=_rows(mask, min(tail, rows))))
+        rows_each = dict(groups=batch, group_stride=0, n_head=n_head)
+        q = contiguous_block(pos=n_full * window, rows=min(tail, rows), **rows_each)
+        kv = contiguous_block(pos=(n_full - 1) * window, rows=window, **rows_each)
+        calls += chunked(Call(q=q, kv=kv, causal=False, mask=_rows(mask, min(tail, rows))))
     return calls
 
 
@@ -61,7 +71,7 @@ def _rows(mask, rows):
     return None if mask is None else mask.narrow(0, 0, rows)
 
 
-def chunked_plan(q, k, v, chunk, sliding: bool, scale=None, backend="auto") -> Plan:
+def chunked_plan(q, k, v, chunk, *, sliding: bool, scale=None, backend="auto") -> Plan:
     """Causal attention inside chunks of ``chunk`` positions, plus the previous chunk: under
     the sliding mask (key b seen from row a iff b > a), or whole (blockwise)."""
     chunk = check_window(chunk)
@@ -80,7 +90,9 @@ def sliding_window_attention(
     q, k, v, window: int, scale: float | None = None, backend: str = "auto"
 ) -> torch.Tensor:
     """Causal sliding-window attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``."""
-    return mixed_attention(chunked_plan(q, k, v, window, True, scale, backend))
+    return mixed_attention(
+        chunked_plan(q, k, v, window, sliding=True, scale=scale, backend=backend)
+    )
 
 
 def blockwise_attention(
@@ -88,4 +100,6 @@ def blockwise_attention(
 ) -> torch.Tensor:
     """Blockwise causal attention (Sun et al., 2022, used to run a dense model beyond its
     training length): queries of block t attend causally inside block t and all of block t-1."""
-    return mixed_attention(chunked_plan(q, k, v, block, False, scale, backend))
+    return mixed_attention(
+        chunked_plan(q, k, v, block, sliding=False, scale=scale, backend=backend)
+    )

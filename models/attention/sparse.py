@@ -64,9 +64,9 @@ def sparse_plan(q, k, v, block, summary, scale=None, backend="auto") -> Plan:
         sources.append((_summaries(k, block, summary), _summaries(v, block, summary)))
         for t in range(1, -(-N // block)):  # block t sees the summaries of blocks 0 .. t-1
             rows = min(block, N - t * block)
-            q_blk = contiguous_block(0, t * block, B, 0, rows, H)
-            kv_blk = contiguous_block(0, 0, B, 0, t * summary, H)
-            calls += chunked(Call(q_blk, kv_blk, causal=False, source=1))
+            q_blk = contiguous_block(pos=t * block, groups=B, group_stride=0, rows=rows, n_head=H)
+            kv_blk = contiguous_block(groups=B, group_stride=0, rows=t * summary, n_head=H)
+            calls += chunked(Call(q=q_blk, kv=kv_blk, causal=False, source=1))
     return plan(q, sources, calls, covers_all=True, scale=scale, backend=backend)
 
 

@@ -24,11 +24,13 @@ PATTERNS = {
         q, k, v, [16, 40], [1, 4], causal=False, backend=backend
     ),
     "sparse": lambda q, k, v, backend: sparse_plan(q, k, v, 12, 4, backend=backend),
-    "sliding": lambda q, k, v, backend: chunked_plan(q, k, v, 12, True, backend=backend),
-    "blockwise": lambda q, k, v, backend: chunked_plan(q, k, v, 20, False, backend=backend),
+    "sliding": lambda q, k, v, backend: chunked_plan(q, k, v, 12, sliding=True, backend=backend),
+    "blockwise": lambda q, k, v, backend: chunked_plan(q, k, v, 20, sliding=False, backend=backend),
 }
 # not in the matrix: a window of 2 over a long sequence (many groups per call)
-EXTRA = {"blockwise_2": lambda q, k, v, backend: chunked_plan(q, k, v, 2, False, backend=backend)}
+EXTRA = {
+    "blockwise_2": lambda q, k, v, backend: chunked_plan(q, k, v, 2, sliding=False, backend=backend)
+}
 SHAPE = (2, 70, 6)  # B, N, H: N a multiple of none of the lengths above
 
 
