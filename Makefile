@@ -34,27 +34,27 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
-	$(PY) experiments/attention_scaling.py
+	$(PY) -m experiments.attention_scaling
 
 bench-quick: $(STAMP)
-	$(PY) experiments/attention_scaling.py --quick
+	$(PY) -m experiments.attention_scaling --quick
 
 # On a CUDA machine (~8 min): GPU tests, attention benchmark 32K-1M, 200 steps of longnet_base
 # at 32K tokens; writes runs/gpu-check/report.md. Uses .venv when made, else the machine's
 # python3 as it is (no install: GPU machines often have their own torch). Refuses without CUDA.
 GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
-	$(GPU_PY) experiments/gpu_check.py
+	$(GPU_PY) -m experiments.gpu_check
 
 # the studies of experiments/README.md (resumable: a second call skips finished runs)
 table2: $(STAMP)
-	$(PY) experiments/paper_table2.py --scale tiny
+	$(PY) -m experiments.paper_table2 --scale tiny
 
 ablate: $(STAMP)
-	$(PY) experiments/ablate_dilation.py --config configs/study/ablate_dilation_tiny.yaml
+	$(PY) -m experiments.ablate_dilation --config configs/study/ablate_dilation_tiny.yaml
 
 throughput: $(STAMP)
-	$(PY) experiments/throughput.py
+	$(PY) -m experiments.throughput
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

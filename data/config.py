@@ -1,29 +1,30 @@
-"""DataConfig: every data setting in one place, checked where it enters."""
+"""DataConfig: every data setting in one place, checked where it enters. The comment beside
+each field is its documentation (configs/default.yaml is generated from it)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from data.sources import SOURCES
+from data.sources import SOURCES, Source
 
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib_code"  # stdlib_code | text_dir | hf
+    source: Source = "stdlib_code"  # the documents: Python's stdlib, a directory, or the hub
     path: str | None = None  # text_dir: the directory
     glob: str = "**/*.txt"  # text_dir: which files, relative to path
-    hf_name: str | None = None  # hf: dataset name, config, split and text field
-    hf_config: str | None = None
-    hf_split: str = "train"
-    hf_text_field: str = "text"
+    hf_name: str | None = None  # hf: dataset name
+    hf_config: str | None = None  # hf: dataset config
+    hf_split: str = "train"  # hf: split to read
+    hf_text_field: str = "text"  # hf: field holding the text
     seq_len: int = 2048  # tokens per training window (inputs; targets are shifted by one)
-    batch_size: int = 8
-    num_workers: int = 2
+    batch_size: int = 8  # windows per batch, per device
+    num_workers: int = 2  # DataLoader workers
     vocab_size: int = 8192  # of the byte-level BPE trained on the train split
     tokenizer_path: str | None = None  # load this tokenizer.json instead of training one
-    cache_dir: str = ".cache/data"
+    cache_dir: str = ".cache/data"  # tokenizer and token cache, keyed by source and settings
     val_fraction: float = 0.05  # of documents, assigned by a hash of the document's name
-    test_fraction: float = 0.05
+    test_fraction: float = 0.05  # of documents, likewise
     seed: int = 1234  # order of training windows
 
     def __post_init__(self):

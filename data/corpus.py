@@ -98,6 +98,17 @@ class Corpus:
         return self.tokenizer.get_vocab_size()
 
     def split(self, name: str) -> Split:
+        """``train``, ``val``, ``test``, or ``all`` (the three, in that order, read into memory:
+        for scoring a corpus none of whose documents a model saw)."""
+        if name == "all" and name not in self._splits:
+            parts = [self.split(s) for s in SPLITS]
+            offsets = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
+            self._splits[name] = Split(
+                np.concatenate([np.asarray(p.tokens) for p in parts]),
+                np.concatenate([p.starts + o for p, o in zip(parts, offsets, strict=True)]),
+                np.concatenate([p.lengths for p in parts]),
+                [n for p in parts for n in p.names],
+            )
         if name not in self._splits:
             index = np.load(self.dir / f"{name}.index.npz")
             dtype = np.dtype(self.meta["dtype"])
@@ -175,10 +186,15 @@ def _build(cfg: DataConfig, docs, directory: Path) -> None:
             lengths=np.asarray(index[s]["lengths"], dtype=np.int64),
         )
         (tmp / f"{s}.names.json").write_text(json.dumps(index[s]["names"]))
-    if offsets["train"] == 0:
+    if not any(index[s]["lengths"] and max(index[s]["lengths"]) for s in SPLITS):
         raise ValueError(
-            f"the corpus of data.source={cfg.source!r} has no training document "
+            f"the corpus of data.source={cfg.source!r} has no document with any text "
             f"(is it empty? data.path={cfg.path!r})"
+        )
+    if offsets["train"] == 0 and not cfg.tokenizer_path:
+        raise ValueError(
+            f"the corpus of data.source={cfg.source!r} has no training document to train a "
+            f"tokenizer on (data.path={cfg.path!r}); give data.tokenizer_path"
         )
     meta = {
         "dtype": np.dtype(dtype).name,

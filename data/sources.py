@@ -22,13 +22,15 @@ import socket
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal, get_args
 from urllib.parse import urlparse
 
 import datasets
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("stdlib_code", "text_dir", "hf")
+Source = Literal["stdlib_code", "text_dir", "hf"]
+SOURCES = get_args(Source)
 STDLIB_EXCLUDED = ("site-packages", "encodings", "pydoc_data", "__pycache__")
 
 

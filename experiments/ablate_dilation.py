@@ -28,16 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from experiments import study  # noqa: E402
-from experiments.attention_scaling import timed  # noqa: E402
-from lightning_modules.config import ConfigError, run_cli  # noqa: E402
-from models.attention.dilated import dilated_attention, validate_schedule  # noqa: E402
-from models.attention.sparse import dilated_keys_per_query  # noqa: E402
+from experiments import study
+from experiments.attention_scaling import timed
+from models.attention.dilated import dilated_attention, validate_schedule
+from models.attention.sparse import dilated_keys_per_query
+from pipeline.report import line_plot, markdown_table
+from settings.cli import run_cli
+from settings.loading import ConfigError
 
 
 def geometric(w0: int, ratio: int, reach: int, drop_largest: int = 0) -> tuple[list, list]:
@@ -183,17 +182,17 @@ def report(spec, runs, lengths, out: Path) -> dict:
         f"forward+backward alone at {spec.bench.seq_len}, median of {spec.bench.repeats}. "
         f"Training took {seconds:.0f} s in all. Measured {time.strftime('%Y-%m-%d')}.",
         "",
-        study.markdown(header, rows),
+        markdown_table(header, rows),
     ]
     out.mkdir(parents=True, exist_ok=True)
-    study.plot_curves(
+    line_plot(
         out / "ppl_vs_context.png",
         {r["name"]: r["eval"] for r in runs},
         "evaluation length (tokens)",
         "perplexity",
         f"{spec.name}: trained at {spec.seq_len}",
     )
-    study.plot_curves(
+    line_plot(
         out / "prompting.png",
         {r["name"]: r["prompting"] for r in runs},
         "prompt length (tokens)",

@@ -29,10 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.attention.backends import attention_backward, attention_forward  # noqa: E402
-from models.attention.dilated import dilated_attention  # noqa: E402
+from models.attention.backends import attention_backward, attention_forward
+from models.attention.dilated import dilated_attention
 
 PAPER_W = [2048, 4096, 8192, 16384, 32768]
 PAPER_R = [1, 2, 4, 6, 12]
@@ -337,7 +335,10 @@ def fixed_mmap_threshold() -> None:
     own mapping, returned on free. Re-runs this script with it set (command line only)."""
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        command = ["-m", spec.name] if spec else [sys.argv[0]]  # python -m experiments.X
+        os.execve(sys.executable, [sys.executable, *command, *sys.argv[1:]], env)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,10 @@ markdown table.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.config import DataConfig  # noqa: E402
-from data.datamodule import LongContextDataModule  # noqa: E402
+from data.config import DataConfig
+from data.datamodule import LongContextDataModule
 
 
 def measure(cfg: DataConfig, batches: int) -> float:

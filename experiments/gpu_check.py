@@ -30,12 +30,10 @@ from pathlib import Path
 
 import torch
 
+from experiments import attention_scaling
+from models.attention.backends import flash_attn_version, resolve_backend
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from experiments import attention_scaling  # noqa: E402
-from models.attention.backends import flash_attn_version, resolve_backend  # noqa: E402
-
 K = 1024
 STAGES = ("tests", "bench", "train")
 BUDGET_S = {"tests": 120, "bench": 170, "train": 170}

@@ -20,22 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+
+from models.transformer import TransformerLM, flops_per_token, n_params
+from settings.cli import run_cli
+from settings.loading import model_config_named
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.transformer import ModelConfig, TransformerLM, flops_per_token, n_params  # noqa: E402
-
 TINY = ["longnet_tiny", "transformer_tiny", "sparse_transformer_tiny", "sliding_window_tiny"]
 
 
-def load(name: str) -> ModelConfig:
-    path = ROOT / "configs" / "model" / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise SystemExit(f"no model config {name!r}; known: {known}")
-    return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path))["model"])
+load = model_config_named  # configs/model/<name>.yaml as a ModelConfig
 
 
 def step_time(model, n, device, dtype, repeats):
@@ -100,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments import study  # noqa: E402
-from lightning_modules.config import ConfigError, run_cli  # noqa: E402
-from models.attention.sparse import match_dilated  # noqa: E402
+from experiments import study
+from models.attention.sparse import match_dilated
+from pipeline.report import line_plot, markdown_table
+from settings.cli import run_cli
+from settings.loading import ConfigError
 
 MODELS = {
     "transformer": "Transformer",
@@ -134,7 +133,7 @@ def report(spec, runs, lengths, out: Path) -> dict:
         f"w={list(spec.schedule.segment_lengths)} r={list(spec.schedule.dilation_rates)}; "
         f"eval.py {' '.join(spec.eval.args)}. Measured {time.strftime('%Y-%m-%d')}.",
         "",
-        study.markdown(header, rows),
+        markdown_table(header, rows),
     ]
     if "paper" in spec:
         paper_lengths = list(spec.paper.lengths)
@@ -142,14 +141,14 @@ def report(spec, runs, lengths, out: Path) -> dict:
             "",
             "The paper's Table 2, for reference (its scale, not ours):",
             "",
-            study.markdown(
+            markdown_table(
                 ["model", "training length", "batch", *[f"ppl @{n}" for n in paper_lengths]],
                 [list(row) for row in spec.paper.rows],
             ),
         ]
     out.mkdir(parents=True, exist_ok=True)
     curves = {f"{MODELS[r['model']]} @{r['seq_len']}": r["eval"] for r in runs}
-    study.plot_curves(
+    line_plot(
         out / "ppl_vs_context.png",
         curves,
         "evaluation length (tokens)",

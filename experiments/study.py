@@ -15,22 +15,22 @@ The study's own table and plot are rebuilt from these files at the end of every 
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from models.transformer import TransformerLM
+from pipeline import outputs
+from pipeline.evaluation import evaluate
+from pipeline.training import train
+from settings.loading import ConfigError, load_run_config, split_argv
+from settings.schema import RunConfig
 
-import eval as eval_script  # noqa: E402
-import train as train_script  # noqa: E402
-from lightning_modules.config import ConfigError, load_config, split_argv  # noqa: E402
-from models.transformer import ModelConfig, TransformerLM  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(p) -> None:
@@ -66,27 +66,26 @@ def say(message: str) -> None:
 
 
 def load_study(path: str | Path):
+    """A study's YAML (its own keys: runs, train overrides, eval settings)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study config {str(path)!r} does not exist")
     return OmegaConf.load(path)
 
 
-def resolve(argv: list[str]):
-    """The merged train.py config of a run (every key checked), without training it."""
-    files, overrides = split_argv(argv)
-    return load_config(files, overrides)
+def resolve(argv: list[str]) -> RunConfig:
+    """The checked train.py config of a run, without training it."""
+    return load_run_config(*split_argv(argv))
 
 
-def build_on_meta(cfg) -> TransformerLM:
+def build_on_meta(cfg: RunConfig) -> TransformerLM:
     """Builds a run's model on the meta device: its config is valid and its shapes fit,
     at any scale, without memory."""
     import torch
 
-    model = dict(OmegaConf.to_container(cfg.model, resolve=True))
-    model["vocab_size"] = model["vocab_size"] or cfg.data.vocab_size
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or cfg.data.vocab_size)
     with torch.device("meta"):
-        return TransformerLM(ModelConfig.from_dict(model))
+        return TransformerLM(model)
 
 
 def train_run(run_dir: Path, argv: list[str]) -> dict:
@@ -97,9 +96,9 @@ def train_run(run_dir: Path, argv: list[str]) -> dict:
         return json.loads(done.read_text())
     say(f"{run_dir.name}: training")
     start = time.perf_counter()
-    trainer = train_script.train([*argv, f"run_dir={run_dir}", "resume=auto"])
+    trainer = train([*argv, f"run_dir={run_dir}", "resume=auto"])
     seconds = time.perf_counter() - start
-    ppl = train_script.validation_perplexities(run_dir)
+    ppl = outputs.validation_perplexities(run_dir)
     info = {
         "steps": trainer.global_step,
         "train_seconds": round(seconds, 1),  # of the invocation that finished it
@@ -115,13 +114,12 @@ def eval_run(run_dir: Path, lengths: list[int], extra: list[str]) -> list[dict]:
     """eval.py on a run's last checkpoint into ``<run>/eval`` unless already there; returns
     its rows (model, context_length, ppl, tokens, note, documents)."""
     out = run_dir / "eval"
-    result = out / "ppl_vs_context.json"
-    if result.exists():
+    if (out / "ppl_vs_context.json").exists():
         say(f"{run_dir.name}: evaluated before, skipped")
     else:
         say(f"{run_dir.name}: evaluating at {lengths}")
         start = time.perf_counter()
-        eval_script.run(
+        evaluate(
             [
                 f"checkpoints=[{run_dir / 'checkpoints' / 'last.ckpt'}]",
                 f"context_lengths=[{','.join(str(n) for n in lengths)}]",
@@ -131,7 +129,7 @@ def eval_run(run_dir: Path, lengths: list[int], extra: list[str]) -> list[dict]:
         )
         info = {"eval_seconds": round(time.perf_counter() - start, 1)}
         (out / "timing.json").write_text(json.dumps(info))
-    return json.loads(result.read_text())["rows"]
+    return outputs.eval_rows(out)
 
 
 def eval_seconds(run_dir: Path) -> float | None:
@@ -141,56 +139,15 @@ def eval_seconds(run_dir: Path) -> float | None:
 
 def prompting(run_dir: Path) -> dict[int, float]:
     """Prompt length -> mean NLL of the fixed suffix, from the run's eval outputs."""
-    f = run_dir / "eval" / "prompting.csv"
-    if not f.exists() or not f.read_text().strip():
-        return {}
-    with open(f, newline="") as fh:
-        return {int(r["prompt_length"]): float(r["mean_nll"]) for r in csv.DictReader(fh)}
+    return outputs.prompting(run_dir / "eval")
 
 
-def ppl_by_length(rows: list[dict]) -> dict[int, float]:
-    """Context length -> perplexity; NaN where eval.py reported the length not reached."""
-    return {int(r["context_length"]): float(r["ppl"]) if r["ppl"] != "" else math.nan for r in rows}
+ppl_by_length = outputs.ppl_by_length
 
 
 def finite_or_inf(x) -> float:
     """A sort key that puts missing and NaN values last."""
     return x if isinstance(x, (int, float)) and math.isfinite(x) else math.inf
-
-
-def fmt(x, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def markdown(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def plot_curves(path: Path, curves: dict[str, dict[int, float]], xlabel, ylabel, title) -> None:
-    """One line per name, log2 x axis; NaN points are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in curves.items():
-        pts = sorted((x, y) for x, y in points.items() if not math.isnan(y))
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=8, wrap=True)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def write_report(out: Path, text: list[str], results: dict, plots: list[str]) -> dict:

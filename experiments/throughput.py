@@ -36,13 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from experiments.attention_scaling import fixed_mmap_threshold, timed
+from experiments.model_cost import load
+from models.transformer import ModelConfig, TransformerLM, flops_per_token
+from settings.cli import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from experiments.attention_scaling import fixed_mmap_threshold, timed  # noqa: E402
-from experiments.model_cost import load  # noqa: E402
-from models.transformer import ModelConfig, TransformerLM, flops_per_token  # noqa: E402
-
 MODELS = ["longnet_tiny", "transformer_tiny", "sparse_transformer_tiny"]
 LENGTHS = [2048, 4096, 8192, 16384, 32768]
 COLUMNS = [
@@ -273,4 +272,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     fixed_mmap_threshold()
-    main()
+    sys.exit(run_cli(main, sys.argv[1:]))

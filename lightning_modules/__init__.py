@@ -1,1 +1,1 @@
-"""Lightning side of the project: the LightningModule, run configuration and run assembly."""
+"""The LightningModule: CausalLM (loss, perplexity, optimizer, schedule, logging)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import resource
 import time
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -19,7 +21,35 @@ import torch.nn.functional as F
 
 from models.transformer import ModelConfig, TransformerLM
 
-SCHEDULES = ("polynomial", "cosine", "constant")
+Schedule = Literal["polynomial", "cosine", "constant"]
+SCHEDULES = get_args(Schedule)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (the paper's: linear warm-up, polynomial decay)."""
+
+    lr: float = 6.0e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW
+    eps: float = 1.0e-8  # AdamW
+    weight_decay: float = 0.01  # on weights of 2 or more dimensions only
+    warmup_steps: int = 750  # linear warm-up
+    schedule: Schedule = "polynomial"  # after warm-up, to max_steps
+    power: float = 1.0  # polynomial decay power (1: linear)
+    min_lr_ratio: float = 0.0  # final lr / peak lr
+    total_steps: int | None = None  # length of the schedule; null: trainer.max_steps
+
+    def __post_init__(self):
+        self.betas = list(self.betas)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not self.lr > 0 or self.warmup_steps < 0 or len(self.betas) != 2:
+            raise ValueError(
+                f"optim needs lr > 0, warmup_steps >= 0 and two betas, got lr={self.lr}, "
+                f"warmup_steps={self.warmup_steps}, betas={self.betas}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def lr_factor(
@@ -40,28 +70,15 @@ def lr_factor(
 
 class CausalLM(L.LightningModule):
     def __init__(self, model: dict, optim: dict | None = None, run_config: dict | None = None):
-        """``model``: ModelConfig fields; ``optim``: optimiser settings; ``run_config``: the
-        whole resolved run config, kept only so that it travels in every checkpoint."""
+        """``model``: ModelConfig fields; ``optim``: OptimConfig fields (its defaults for the
+        missing ones); ``run_config``: the whole resolved run config, kept only so that it
+        travels in every checkpoint. Plain dicts, so that checkpoints load without this code's
+        classes."""
         super().__init__()
         self.save_hyperparameters()  # load_from_checkpoint rebuilds from these alone
         self.config = ModelConfig.from_dict(model)
         self.model = TransformerLM(self.config)
-        self.optim = {
-            "lr": 6e-4,
-            "betas": (0.9, 0.98),
-            "eps": 1e-8,
-            "weight_decay": 0.01,
-            "warmup_steps": 0,
-            "schedule": "polynomial",
-            "power": 1.0,
-            "min_lr_ratio": 0.0,
-            "total_steps": None,
-            **(optim or {}),
-        }
-        if self.optim["schedule"] not in SCHEDULES:
-            raise ValueError(
-                f"optim.schedule must be one of {SCHEDULES}, got {self.optim['schedule']!r}"
-            )
+        self.optim = OptimConfig(**(optim or {}))
         self._step_start: float | None = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -132,20 +149,18 @@ class CausalLM(L.LightningModule):
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         opt = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": o["weight_decay"]},
+                {"params": decay, "weight_decay": o.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
-            eps=o["eps"],
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
         )
-        total = o["total_steps"] or (
-            self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9
-        )
+        total = o.total_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10**9)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
             lambda step: lr_factor(
-                step, o["warmup_steps"], total, o["schedule"], o["power"], o["min_lr_ratio"]
+                step, o.warmup_steps, total, o.schedule, o.power, o.min_lr_ratio
             ),
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

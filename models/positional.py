@@ -80,13 +80,17 @@ def xpos_max_log_scale(n_positions: int, head_dim: int, scale_base: float, ancho
     return max(block - 1, 0) / 2 / scale_base * -math.log(0.4 / 1.4)
 
 
+class XposRangeError(ValueError):
+    """XPOS scales that would overflow float32 at the requested length."""
+
+
 def check_xpos_range(n_positions: int, head_dim: int, scale_base: float, anchor: int | None):
     """Raises ValueError when XPOS scales of ``n_positions`` consecutive positions would
     overflow float32. Pure host arithmetic: no device sync, safe under CUDA graphs."""
     worst = xpos_max_log_scale(n_positions, head_dim, scale_base, anchor)
     if worst > _MAX_LOG_SCALE:
         span = "the whole sequence" if anchor is None else f"anchor blocks of {anchor}"
-        raise ValueError(
+        raise XposRangeError(
             f"XPOS scales reach exp({worst:.0f}) for {n_positions} positions measured from "
             f"the centre of {span} (xpos_scale_base={scale_base}): float32 overflows above "
             f"exp({_MAX_LOG_SCALE:.0f}). Use position='rope', a shorter sequence, a larger "

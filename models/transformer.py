@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,37 +32,48 @@ from models.attention.sparse import (
 )
 from models.positional import apply_rope, apply_xpos, dilated_anchor
 
-ATTENTIONS = ("dense", "dilated", "sparse", "sliding")
-POSITIONS = ("xpos", "rope", "none")
-NORMS = ("subln", "pre")
+AttentionKind = Literal["dense", "dilated", "sparse", "sliding"]
+PositionKind = Literal["xpos", "rope", "none"]
+NormKind = Literal["subln", "pre"]
+ATTENTIONS, POSITIONS, NORMS = (get_args(t) for t in (AttentionKind, PositionKind, NormKind))
+
+
+def _list(*values):
+    return field(default_factory=lambda: list(values))
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8192
-    d_model: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    d_ff: int = 1024
-    dropout: float = 0.0
-    attention: str = "dilated"  # dense | dilated | sparse | sliding
-    segment_lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
-    dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 12])
-    window: int = 512  # sliding
+    """Every setting of a TransformerLM; the defaults are the tiny LongNet that trains on 2 CPU
+    cores (4 x 256 x 4, the paper's schedule / 16). The comment beside each field is its
+    documentation (configs/default.yaml is generated from it)."""
+
+    vocab_size: int | None = None  # null: set by the run from its tokenizer
+    d_model: int = 256  # width
+    n_layer: int = 4  # blocks
+    n_head: int = 4  # attention heads
+    d_ff: int = 1024  # feed-forward width
+    dropout: float = 0.0  # on embeddings and residual branches
+    attention: AttentionKind = "dilated"  # dilated is LongNet; dense, sparse, sliding the baselines
+    segment_lengths: list[int] = _list(128, 256, 512, 1024, 2048)  # dilated: w, one per pair
+    dilation_rates: list[int] = _list(1, 2, 4, 6, 12)  # dilated: r, one per pair
+    window: int = 512  # sliding: keys per query
     blockwise: int | None = None  # dense only: blockwise causal attention with this block
     sparse_block: int = 128  # sparse: block length
     sparse_summary: int = 8  # sparse: summary positions at the end of every block
-    position: str = "xpos"  # xpos | rope | none
-    xpos_scale_base: float = 512.0
-    rope_base: float = 10000.0
-    norm: str = "subln"  # subln (MAGNETO) | pre (pre-LN)
-    tie_embeddings: bool = True
+    position: PositionKind = "xpos"  # relative positions on q and k
+    xpos_scale_base: float = 512.0  # XPOS decay length (gamma)
+    rope_base: float = 10000.0  # RoPE (and XPOS rotation) frequency base
+    norm: NormKind = "subln"  # subln: MAGNETO; pre: pre-LN
+    tie_embeddings: bool = True  # output layer shares the input embedding
 
     def __post_init__(self):
         self.segment_lengths = list(self.segment_lengths)
         self.dilation_rates = list(self.dilation_rates)
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff"):
             value = getattr(self, name)
+            if name == "vocab_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, allowed in (("attention", ATTENTIONS), ("position", POSITIONS), ("norm", NORMS)):
@@ -175,6 +187,8 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set (null means: set by the run)")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)

@@ -1,11 +1,20 @@
+"""Shared fixtures: the tests' corpus (text they write) and run arguments built from the real
+configs (configs/debug/tiny.yaml: the smallest run that exercises everything)."""
+
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support.corpus import write_corpus
+
 # Tests never touch the network: Hugging Face libraries must use local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "debug" / "tiny.yaml"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,3 +24,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def tiny_run(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """train.py arguments of a tiny run on the corpus under ``root``."""
+    return [
+        str(TINY_CONFIG),
+        f"data.path={root / 'corpus'}",
+        f"data.cache_dir={root / 'cache'}",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A directory holding ``corpus/`` (80 written documents) and room for its ``cache/``."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root / "corpus", n_docs=80)
+    return root
+
+
+@pytest.fixture
+def tiny_args(corpus):
+    """``tiny_args(run_dir, *overrides)``: train.py arguments of a tiny run on ``corpus``."""
+    return lambda run_dir, *extra: tiny_run(corpus, run_dir, *extra)

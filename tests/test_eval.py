@@ -1,5 +1,5 @@
 """eval.py: perplexity by context length against a naive computation, window rules, outputs,
-and bad input."""
+another corpus scored whole, and bad input."""
 
 import math
 
@@ -7,30 +7,31 @@ import numpy as np
 import pytest
 import torch
 
-from eval import run
-from lightning_modules import evaluate as ev
-from lightning_modules.config import ConfigError
-from tests.test_train import args
-from train import train
+from data.corpus import split_of
+from pipeline import scoring as ev
+from pipeline.evaluation import evaluate as run
+from pipeline.training import train
+from settings.loading import ConfigError
+from tests.conftest import tiny_run
+from tests.support.corpus import write_corpus
+
+
+def write_long_documents(directory, n=4, seed=0, prefix="long"):
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in range(n):  # a few long documents for long contexts
+        words = " ".join(f"w{int(i)}" for i in rng.integers(0, 50, 3000))
+        (directory / f"{prefix}{d}.txt").write_text(words)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from tests.test_data import write_corpus
-
     root = tmp_path_factory.mktemp("eval")
-    rng = np.random.default_rng(0)
-    (root / "corpus").mkdir()
     write_corpus(root / "corpus")
-    for d in range(4):  # a few long documents for long contexts
-        words = " ".join(f"w{int(i)}" for i in rng.integers(0, 50, 3000))
-        (root / "corpus" / f"long{d}.txt").write_text(words)
+    write_long_documents(root / "corpus")
     run_dir = root / "run"
-    train(
-        args(
-            root, run_dir, "trainer.max_steps=2", "data.val_fraction=0.3", "data.test_fraction=0.3"
-        )
-    )
+    overrides = ["trainer.max_steps=2", "data.val_fraction=0.3", "data.test_fraction=0.3"]
+    train(tiny_run(root, run_dir, *overrides))
     return run_dir / "checkpoints" / "last.ckpt"
 
 
@@ -85,7 +86,8 @@ def test_eval_writes_its_outputs(ckpt, tmp_path, capsys):
             f"out_dir={out}",
         ]
     )
-    assert set(results[0].ppl) == {16, 32, 64} and results[0].prompting
+    assert set(results[0].lengths) == {16, 32, 64} and results[0].prompting
+    assert all(a.ppl > 1 and a.reason is None for a in results[0].lengths.values())
     for name in (
         "ppl_vs_context.csv",
         "ppl_vs_context.json",
@@ -93,6 +95,7 @@ def test_eval_writes_its_outputs(ckpt, tmp_path, capsys):
         "prompting.csv",
         "prompting.png",
         "positions.csv",
+        "documents.csv",
     ):
         assert (out / name).stat().st_size > 0, name
     assert "| 16 | 32 | 64 |" in capsys.readouterr().out
@@ -129,7 +132,7 @@ def test_empty_corpus(ckpt, tmp_path):
     empty.mkdir()
     for i in range(3):
         (empty / f"{i}.txt").write_text("")
-    with pytest.raises(ConfigError, match="no training document"):
+    with pytest.raises(ConfigError, match="has no document with any text"):
         run(
             [
                 f"checkpoints=[{ckpt}]",
@@ -139,3 +142,27 @@ def test_empty_corpus(ckpt, tmp_path):
                 f"out_dir={tmp_path / 'o'}",
             ]
         )
+
+
+def test_another_corpus_is_scored_whole(ckpt, tmp_path, capsys):
+    """Three documents the model never saw: the hash split would leave them in any split;
+    split=auto scores all of them and says which."""
+    books = tmp_path / "books"
+    write_long_documents(books, n=3, seed=7, prefix="book")
+    out = tmp_path / "out"
+    results = run([f"checkpoints=[{ckpt}]", "context_lengths=[16,64]", f"out_dir={out}",
+                   "data.source=text_dir", f"data.path={books}", "data.glob=*.txt",
+                   f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    assert sorted(results[0].documents) == ["book0.txt", "book1.txt", "book2.txt"]
+    assert "book0.txt" in (out / "documents.csv").read_text()
+    assert "all split" in (out / "ppl_vs_context.json").read_text()
+    # split=test picks the documents the hash puts there (the checkpoint's fractions, 0.3/0.3)
+    in_test = sorted(n for n in results[0].documents if split_of(n, 0.3, 0.3) == "test")
+    args = [f"checkpoints=[{ckpt}]", "context_lengths=[16]", f"out_dir={tmp_path / 'o2'}",
+            "split=test", "data.source=text_dir", f"data.path={books}", "data.glob=*.txt",
+            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    if in_test:
+        assert sorted(run(args)[0].documents) == in_test
+    else:
+        with pytest.raises(ConfigError, match="test split of the corpus is empty"):
+            run(args)

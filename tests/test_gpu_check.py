@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from experiments import gpu_check
-from lightning_modules.build import model_config
-from lightning_modules.config import load_config, split_argv
+from pipeline.build import model_config
+from settings.loading import load_run_config, split_argv
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -18,10 +18,9 @@ def test_refuses_without_cuda(tmp_path):
 
 def test_training_command_passes_the_config_checks(tmp_path):
     cmd = gpu_check.train_command(tmp_path / "train")
-    files, overrides = split_argv(cmd[2:])
-    cfg = load_config(files, overrides)
-    assert cfg.data.seq_len == 32768 and cfg.trainer.max_steps == 200
-    assert cfg.trainer.precision == "bf16-mixed"
+    cfg = load_run_config(*split_argv(cmd[2:]))
+    assert cfg.data.seq_len == 32768 and cfg.trainer["max_steps"] == 200
+    assert cfg.trainer["precision"] == "bf16-mixed"
     model = model_config(cfg, vocab_size=cfg.data.vocab_size)
     assert (model.d_model, model.n_layer, model.n_head) == (768, 12, 12)
 

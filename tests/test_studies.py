@@ -6,21 +6,14 @@ import pytest
 import yaml
 
 from experiments import ablate_dilation, paper_table2, study
-from tests.test_data import write_corpus
-from tests.test_train import TINY
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("studies")
-    write_corpus(root / "corpus", n_docs=80)
-    return root
+from tests.conftest import TINY_CONFIG
 
 
 def micro_train(corpus) -> list[str]:
-    """train.py overrides that make any tiny model config a micro one on the test corpus."""
+    """train.py arguments that make any tiny model config a micro one on the test corpus (the
+    debug YAML is merged after the run's model YAML, overrides after both)."""
     return [
-        *TINY,
+        str(TINY_CONFIG),
         "model.vocab_size=null",
         f"data.path={corpus / 'corpus'}",
         f"data.cache_dir={corpus / 'cache'}",

@@ -54,5 +54,7 @@ def test_crossover_needs_longnet_ahead_at_every_longer_length():
 
 
 def test_unknown_model_names_the_known_ones(tmp_path):
-    with pytest.raises(SystemExit, match="known: .*longnet_tiny"):
+    from settings.loading import ConfigError
+
+    with pytest.raises(ConfigError, match="known: .*longnet_tiny"):
         throughput.main(["--models", "no_such_model", "--out", str(tmp_path)])

@@ -6,70 +6,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.config import ConfigError, load_config
 from lightning_modules.lm import CausalLM, lr_factor
-from tests.test_data import write_corpus
-from train import train
-
-TINY = [
-    "data.source=text_dir",
-    "data.glob=*.txt",
-    "data.vocab_size=300",
-    "data.seq_len=32",
-    "data.batch_size=2",
-    "data.num_workers=0",
-    "data.val_fraction=0.2",
-    "data.test_fraction=0.2",
-    "model.d_model=32",
-    "model.n_layer=2",
-    "model.d_ff=64",
-    "model.n_head=4",
-    "model.segment_lengths=[8,16]",
-    "model.dilation_rates=[1,2]",
-    "model.window=8",
-    "model.sparse_block=8",
-    "model.sparse_summary=2",
-    "model.dropout=0.1",
-    "trainer.val_check_interval=4",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "checkpoint.every_n_steps=4",
-    "optim.warmup_steps=2",
-]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_corpus(root / "corpus")
-    return root
-
-
-def args(corpus, run, *extra):
-    return [
-        *TINY,
-        f"data.path={corpus / 'corpus'}",
-        f"data.cache_dir={corpus / 'cache'}",
-        f"run_dir={run}",
-        *extra,
-    ]
+from pipeline.outputs import metric
+from pipeline.training import train
+from settings.loading import ConfigError, load_run_config
 
 
 def losses(run: Path) -> dict[int, float]:
-    out = {}
-    for f in sorted((run / "logs").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(f.read_text().splitlines()):
-            if row.get("train/loss"):
-                out[int(row["step"])] = float(row["train/loss"])
-    return out
+    return metric(run, "train/loss")
 
 
 @pytest.mark.parametrize("attention", ["dilated", "dense", "sparse", "sliding"])
-def test_smoke_every_attention(corpus, tmp_path, attention):
+def test_smoke_every_attention(tiny_args, tmp_path, attention):
     run = tmp_path / attention
-    trainer = train(args(corpus, run, f"model.attention={attention}", "trainer.max_steps=4"))
+    trainer = train(tiny_args(run, f"model.attention={attention}", "trainer.max_steps=4"))
     assert trainer.global_step == 4
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert (run / "config.yaml").exists() and (run / "tokenizer.json").exists()
@@ -79,12 +29,12 @@ def test_smoke_every_attention(corpus, tmp_path, attention):
     assert module.hparams.run_config["model"]["attention"] == attention
 
 
-def test_resume_gives_the_same_losses(corpus, tmp_path):
+def test_resume_gives_the_same_losses(tiny_args, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(args(corpus, straight, "trainer.max_steps=8"))
+    train(tiny_args(straight, "trainer.max_steps=8"))
     # the first leg stops early, as a killed run would; the schedule still plans for 8 steps
-    train(args(corpus, split, "trainer.max_steps=4", "optim.total_steps=8"))
-    train(args(corpus, split, "trainer.max_steps=8", "resume=auto"))
+    train(tiny_args(split, "trainer.max_steps=4", "optim.total_steps=8"))
+    train(tiny_args(split, "trainer.max_steps=8", "resume=auto"))
     a, b = losses(straight), losses(split)
     assert sorted(a) == sorted(b) == list(range(8))
     for step in a:
@@ -95,9 +45,9 @@ def test_merge_order(tmp_path):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text("seed: 1\nmodel:\n  n_layer: 3\n")
     second.write_text("seed: 2\n")
-    cfg = load_config([str(first), str(second)], ["seed=3"])
+    cfg = load_run_config([str(first), str(second)], ["seed=3"])
     assert (cfg.seed, cfg.model.n_layer, cfg.model.d_model) == (3, 3, 256)
-    assert load_config([str(first), str(second)]).seed == 2
+    assert load_run_config([str(first), str(second)]).seed == 2
 
 
 @pytest.mark.parametrize(
@@ -106,21 +56,23 @@ def test_merge_order(tmp_path):
         (["/nonexistent.yaml"], [], "does not exist"),
         ([], ["model.n_layers=3"], "unknown key model.n_layers .* did you mean model.n_layer"),
         ([], ["trainer.max_step=3"], "did you mean trainer.max_steps"),
-        ([], ["model.n_layer=three"], "model.n_layer .* must be int"),
-        ([], ["model.dropout=true"], "must be float"),
+        ([], ["model.n_layer=three"], "model.n_layer in override .* converted to Integer"),
+        ([], ["model.dropout=true"], "model.dropout in .* converted to Float"),
+        ([], ["model.attention=sparce"], "expected one of \\['dense', 'dilated', 'sparse'"),
+        ([], ["model.dilation_rates=[1,x]"], "model.dilation_rates\\[1\\] in .* Integer"),
         ([], ["seed"], "key=value"),
     ],
 )
 def test_config_errors(files, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(files, overrides)
+        load_run_config(files, overrides)
 
 
 def test_yaml_that_does_not_parse(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="does not parse"):
-        load_config([str(bad)])
+        load_run_config([str(bad)])
 
 
 @pytest.mark.parametrize(
@@ -135,22 +87,22 @@ def test_yaml_that_does_not_parse(tmp_path):
         (["model.attention=sliding", "model.window=0"], "window must be a positive integer"),
     ],
 )
-def test_bad_runs_fail_before_training(corpus, tmp_path, extra, message):
+def test_bad_runs_fail_before_training(tiny_args, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
-        train(args(corpus, tmp_path / "run", *extra))
+        train(tiny_args(tmp_path / "run", *extra))
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_run_is_not_overwritten(corpus, tmp_path):
+def test_existing_run_is_not_overwritten(tiny_args, tmp_path):
     run = tmp_path / "run"
-    train(args(corpus, run, "trainer.max_steps=2"))
+    train(tiny_args(run, "trainer.max_steps=2"))
     before = (run / "checkpoints" / "last.ckpt").read_bytes()
     with pytest.raises(ConfigError, match="already holds checkpoints"):
-        train(args(corpus, run, "trainer.max_steps=2"))
+        train(tiny_args(run, "trainer.max_steps=2"))
     not_ckpt = tmp_path / "x.ckpt"
     not_ckpt.write_text("hello")
     with pytest.raises(ConfigError, match="is not a PyTorch checkpoint"):
-        train(args(corpus, run, f"resume={not_ckpt}"))
+        train(tiny_args(run, f"resume={not_ckpt}"))
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
@@ -163,7 +115,7 @@ def test_lr_schedule_shapes():
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(corpus, tmp_path):
+def test_ddp_on_two_cpu_processes(tiny_args, tmp_path):
     """DDP (gloo) trains on different data per rank; validation perplexity over all windows
     equals the single-process value for the same weights."""
     import subprocess
@@ -172,8 +124,7 @@ def test_ddp_on_two_cpu_processes(corpus, tmp_path):
     root = Path(__file__).parents[1]
     run = tmp_path / "ddp"
     common = [
-        *args(
-            corpus,
+        *tiny_args(
             run,
             "trainer.max_steps=4",
             "trainer.limit_val_batches=1.0",
@@ -198,10 +149,10 @@ def test_ddp_on_two_cpu_processes(corpus, tmp_path):
         if r.get("val/ppl")
     ][-1]
     # the same weights, validated in one process over the same windows
-    from lightning_modules.build import build
-    from lightning_modules.config import load_config
+    from pipeline.build import build
+    from settings.loading import split_argv
 
-    cfg = load_config([], [*common, f"run_dir={tmp_path / 'single'}"])
+    cfg = load_run_config(*split_argv([*common, f"run_dir={tmp_path / 'single'}"]))
     trainer, _, datamodule, _ = build(cfg)
     module = CausalLM.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
@@ -215,7 +166,7 @@ def test_ddp_on_two_cpu_processes(corpus, tmp_path):
 
 
 def test_command_line_errors_exit_2(capsys):
-    from lightning_modules.config import run_cli
+    from settings.cli import run_cli
 
     assert run_cli(train, ["model.n_layers=3"]) == 2
     assert "did you mean model.n_layer" in capsys.readouterr().err

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from models.transformer import ModelConfig, TransformerLM, flops_per_token, n_params
+from settings.loading import model_config_named
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
 
@@ -80,9 +80,7 @@ def test_runs_at_any_length(attention, n):
 def test_flops_order_at_long_context():
     """At 32K tokens the dense model costs the most, LongNet and its matched sparse about the
     same; at 2K dense is cheapest-or-close. Attention FLOPs are counted per type."""
-    cfgs = {
-        p.stem: ModelConfig(**OmegaConf.to_container(OmegaConf.load(p))["model"]) for p in CONFIGS
-    }
+    cfgs = {p.stem: model_config_named(p.stem) for p in CONFIGS}
     f = {k: flops_per_token(c, 32768) for k, c in cfgs.items() if k.endswith("_base")}
     assert f["transformer_base"] > 2 * f["longnet_base"]
     assert f["sparse_transformer_base"] == pytest.approx(f["longnet_base"], rel=0.01)
@@ -90,7 +88,7 @@ def test_flops_order_at_long_context():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_model_yaml_builds_on_meta(path):
-    cfg = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path))["model"])
+    cfg = model_config_named(path.stem)
     with torch.device("meta"):
         model = TransformerLM(cfg)
     assert sum(p.numel() for p in model.parameters()) == n_params(cfg)
@@ -100,8 +98,7 @@ def test_paper_sizes():
     """Parameter counts of the paper's sizes (vocabulary 32768, tied embeddings)."""
     sizes = {}
     for name in ("longnet_base", "longnet_350m", "longnet_760m", "longnet_2_7b"):
-        raw = OmegaConf.load(Path(CONFIGS[0]).parent / f"{name}.yaml")
-        sizes[name] = n_params(ModelConfig.from_dict(OmegaConf.to_container(raw)["model"]))
+        sizes[name] = n_params(model_config_named(name))
     assert 100e6 < sizes["longnet_base"] < 150e6
     assert 300e6 < sizes["longnet_350m"] < 400e6
     assert 650e6 < sizes["longnet_760m"] < 800e6

@@ -1,4 +1,4 @@
-"""Perplexity as context grows: the measurements behind eval.py.
+"""Perplexity as context grows: the measurements behind eval.py, in plain PyTorch.
 
 Window policy (stated in every output): documents of the chosen split that have at least
 ``max(context_lengths) + 1`` tokens serve every length, so the numbers are comparable. At length
@@ -14,6 +14,9 @@ tokens of its first ``max(L) + 1`` tokens are scored given a prompt of growing l
 the last ``suffix`` targets of the window of P inputs that ends there.
 
 Position profile: mean NLL by position bucket (powers of two) inside the longest windows.
+
+A length a model cannot run (out of memory, XPOS out of range) is reported as not reached
+with its reason; any other error is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import torch.nn.functional as F
 
 from data.config import DataConfig
 from data.corpus import Split, prepare
-from lightning_modules.build import check_checkpoint
-from lightning_modules.config import ConfigError
+from models.positional import XposRangeError
 from models.transformer import ModelConfig, TransformerLM
+from pipeline.build import check_checkpoint
+from settings.loading import ConfigError
+from settings.schema import CORPUS_KEYS
 
 POLICY = (
     "disjoint in-document windows of L+1 tokens (L scored) from documents of at least "
@@ -47,20 +52,42 @@ class Model:
     train_len: int
     data: DataConfig  # the corpus to evaluate on, tokenized with this model's tokenizer
     label: str = ""
+    own_corpus: bool = True  # data names the corpus the model was trained on
+
+
+@dataclass
+class AtLength:
+    """Perplexity at one context length, or why it was not reached."""
+
+    length: int
+    ppl: float | None = None
+    tokens: int = 0
+    windows: int = 0
+    reason: str | None = None  # set when not reached
 
 
 @dataclass
 class Result:
     label: str
-    ppl: dict = field(default_factory=dict)  # L -> (ppl, tokens, windows) or reason string
-    prompting: dict = field(default_factory=dict)  # P -> mean NLL of the suffix
+    documents: list[str] = field(default_factory=list)  # names of the scored documents
+    lengths: dict[int, AtLength] = field(default_factory=dict)
+    prompting: dict[int, float] = field(default_factory=dict)  # P -> mean NLL (NaN: not run)
     positions: list = field(default_factory=list)  # (bucket start, bucket end, mean NLL)
-    documents: int = 0
+
+
+def not_reached(err: Exception) -> str | None:
+    """The reason a length cannot be run on this machine, or None (a bug: let it raise)."""
+    if isinstance(err, XposRangeError):
+        return str(err).splitlines()[0][:160]
+    cpu_oom = isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    if isinstance(err, torch.OutOfMemoryError) or cpu_oom:  # CPU: a RuntimeError that says so
+        return "out of memory"
+    return None
 
 
 def load_model(path: str, data_overrides: dict, blockwise: bool, device) -> Model:
     """Rebuilds a checkpoint's model and the data config to evaluate it on (its own corpus
-    unless ``data_overrides`` say otherwise, always its own tokenizer)."""
+    unless ``data_overrides`` name another, always its own tokenizer)."""
     ckpt = check_checkpoint(path)
     run = ckpt["hyper_parameters"].get("run_config") or {}
     model_cfg = dict(ckpt["hyper_parameters"]["model"])
@@ -72,7 +99,10 @@ def load_model(path: str, data_overrides: dict, blockwise: bool, device) -> Mode
     net.load_state_dict(state)
     net.to(device).eval()
     tokenizer = Path(path).resolve().parent.parent / "tokenizer.json"
-    data = {**run.get("data", {}), **{k: v for k, v in data_overrides.items() if v is not None}}
+    own = run.get("data", {})
+    given = {k: v for k, v in data_overrides.items() if v is not None}
+    data = {**own, **given}
+    own_corpus = all(data.get(k) == own.get(k) for k in CORPUS_KEYS)
     if tokenizer.exists():
         data["tokenizer_path"] = str(tokenizer)
     try:
@@ -88,7 +118,7 @@ def load_model(path: str, data_overrides: dict, blockwise: bool, device) -> Mode
         "dense": f"blockwise={cfg.blockwise}" if cfg.blockwise else "full",
     }[cfg.attention]
     label = f"{name} [{cfg.attention} {schedule}, trained at {train_len}]"
-    return Model(name, net, train_len or 0, data_cfg, label)
+    return Model(name, net, train_len or 0, data_cfg, label, own_corpus)
 
 
 def long_documents(split: Split, need: int) -> list[int]:
@@ -164,7 +194,9 @@ def prompting(model: Model, split: Split, docs, prompts: list[int], suffix: int,
                 ]
             )
             out[p] = values.mean().item()
-        except (ValueError, RuntimeError):
+        except (ValueError, RuntimeError) as err:
+            if not_reached(err) is None:
+                raise
             out[p] = float("nan")
         if bar is not None:
             bar.update(len(docs))
@@ -195,9 +227,11 @@ def corpus_split(model: Model, split_name: str) -> Split:
 
 
 def load_checked(path: str, data_overrides, blockwise, device) -> Model:
+    """:func:`load_model`; a checkpoint whose weights or config do not fit this code is a
+    ConfigError naming it."""
     try:
         return load_model(path, data_overrides, blockwise, device)
     except ConfigError:
         raise
-    except (ValueError, KeyError, RuntimeError) as err:
+    except (ValueError, KeyError, RuntimeError) as err:  # from_dict, load_state_dict
         raise ConfigError(f"checkpoint {path!r} cannot be loaded: {err}") from err

@@ -1,0 +1,152 @@
+"""eval.py's work, callable in-process: perplexity by context length for checkpoints, the
+prompting curve and the position profile, written into out_dir all at once at the end (a failed
+run leaves an existing out_dir untouched). Method: pipeline/scoring.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline import scoring as sc
+from pipeline.progress import Progress
+from pipeline.report import line_plot, markdown_table
+from settings.loading import load_eval_config, split_argv
+from settings.schema import EvalConfig
+
+log = logging.getLogger("eval")
+
+
+def split_for(model: sc.Model, split: str) -> str:
+    """``auto``: the test split of the model's own corpus; every document of another corpus
+    (the model saw none of them, and a hash split of a small corpus may leave no test one)."""
+    if split != "auto":
+        return split
+    return "test" if model.own_corpus else "all"
+
+
+def evaluate(argv: list[str] | EvalConfig) -> list[sc.Result]:
+    cfg = argv if isinstance(argv, EvalConfig) else load_eval_config(*split_argv(argv))
+    lengths = sorted(int(n) for n in cfg.context_lengths)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    overrides = {k: getattr(cfg.data, k) for k in cfg.data.__dataclass_fields__}
+    models = [sc.load_checked(p, overrides, cfg.dense_blockwise, device) for p in cfg.checkpoints]
+    names = [split_for(m, cfg.split) for m in models]
+    splits = [sc.corpus_split(m, s) for m, s in zip(models, names, strict=True)]
+    docs = [sc.check_lengths(s, lengths, n) for s, n in zip(splits, names, strict=True)]
+    if cfg.max_documents is not None:  # all checks done before any work
+        docs = [dd[: cfg.max_documents] for dd in docs]
+    prompts = [p for p in lengths if p >= cfg.suffix]
+    results = []
+    for model, split, dd, name in zip(models, splits, docs, names, strict=True):
+        scored = [split.names[d] for d in dd]
+        log.info("%s: scoring %d documents of the %s split: %s", model.name, len(dd), name,
+                 ", ".join(scored[:5]) + (", ..." if len(scored) > 5 else ""))  # fmt: skip
+        results.append(score_model(model, split, dd, scored, lengths, prompts, cfg, device))
+    write_outputs(results, lengths, cfg, names, Path(cfg.out_dir))
+    return results
+
+
+def score_model(model, split, docs, scored, lengths, prompts, cfg, device) -> sc.Result:
+    res = sc.Result(model.label, documents=scored)
+    cap = cfg.max_tokens_per_document
+    total = sum(len(sc.windows_at(split, docs, n, cap)) * n for n in lengths)
+    with Progress(total + len(docs) * len(prompts), desc=model.name) as bar:
+        for n in lengths:
+            try:
+                ppl, tokens, windows, mean = sc.perplexity(
+                    model, split, docs, n, cfg.batch_tokens, device, cap, bar
+                )
+            except (ValueError, RuntimeError) as err:
+                reason = sc.not_reached(err)
+                if reason is None:
+                    raise
+                res.lengths[n] = sc.AtLength(n, reason=f"not reached: {reason}")
+                continue
+            res.lengths[n] = sc.AtLength(n, ppl, tokens, windows)
+            if n == lengths[-1]:
+                res.positions = sc.position_buckets(mean)
+        if prompts:
+            res.prompting = sc.prompting(model, split, docs, prompts, cfg.suffix, device, bar)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path) -> None:
+    """Everything into a fresh directory first, then moved into out_dir in one go."""
+    tmp = Path(tempfile.mkdtemp(prefix="eval-"))
+    corpus = f"{cfg.data.source or 'own corpus'}, {' / '.join(sorted(set(split_names)))} split"
+    rows = [
+        {
+            "model": r.label,
+            "context_length": n,
+            "ppl": "" if a.ppl is None else a.ppl,
+            "tokens": a.tokens,
+            "note": a.reason or "",
+            "documents": len(r.documents),
+        }
+        for r in results
+        for n, a in r.lengths.items()
+    ]
+    _csv(tmp / "ppl_vs_context.csv", rows)
+    (tmp / "ppl_vs_context.json").write_text(
+        json.dumps({"method": sc.POLICY, "corpus": corpus, "rows": rows}, indent=1)
+    )
+    _csv(tmp / "documents.csv", [
+        {"model": r.label, "split": s, "document": d}
+        for r, s in zip(results, split_names, strict=True) for d in r.documents
+    ])  # fmt: skip
+    _csv(tmp / "prompting.csv", [
+        {"model": r.label, "prompt_length": p, "suffix": cfg.suffix, "mean_nll": v}
+        for r in results for p, v in r.prompting.items()
+    ])  # fmt: skip
+    _csv(tmp / "positions.csv", [
+        {"model": r.label, "from": a, "to": b, "mean_nll": v}
+        for r in results for a, b, v in r.positions
+    ])  # fmt: skip
+    cap = cfg.max_tokens_per_document
+    title = f"{corpus}; {sc.POLICY}" + (f"; first {cap} tokens of each" if cap else "")
+    ppl_curves = {r.label: {n: a.ppl for n, a in r.lengths.items()} for r in results}
+    line_plot(tmp / "ppl_vs_context.png", ppl_curves, "context length (tokens)", "perplexity",
+              title, fontsize=7)  # fmt: skip
+    line_plot(tmp / "prompting.png", {r.label: r.prompting for r in results},
+              "prompt length (tokens)", f"mean NLL of the final {cfg.suffix} tokens", corpus,
+              fontsize=7)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        shutil.move(str(f), out_dir / f.name)
+    tmp.rmdir()
+    print(table(results, lengths, title))
+    print(f"wrote {out_dir}/ppl_vs_context.{{csv,json,png}}, prompting.{{csv,png}}, "
+          "positions.csv, documents.csv")  # fmt: skip
+
+
+def table(results, lengths, title) -> str:
+    rows = [
+        [r.label, str(len(r.documents))]
+        + [f"{a.ppl:.2f}" if a.ppl is not None else "n/a" for a in r.lengths.values()]
+        for r in results
+    ]
+    text = markdown_table(["model", "docs", *map(str, lengths)], rows)
+    tokens = ["/".join(str(a.tokens) for a in r.lengths.values() if a.ppl) for r in results]
+    return f"perplexity by context length ({title})\n{text}\nscored tokens per length: " + (
+        "; ".join(tokens)
+    )
+
+
+def _csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)

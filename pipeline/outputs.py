@@ -1,0 +1,49 @@
+"""Readers of what runs leave on disk: metrics CSVs of training runs, eval.py's tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+
+def metrics_rows(run_dir: str | Path) -> list[dict]:
+    """Every row of every logged version of a run (``logs/version_N/metrics.csv``), in order."""
+    rows = []
+    for f in sorted(Path(run_dir, "logs").glob("version_*/metrics.csv")):
+        with open(f, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def metric(run_dir: str | Path, name: str) -> dict[int, float]:
+    """step -> value of one logged metric (the last value logged at a step)."""
+    return {int(r["step"]): float(r[name]) for r in metrics_rows(run_dir) if r.get(name)}
+
+
+def validation_perplexities(run_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, val/ppl) in step order."""
+    return sorted(metric(run_dir, "val/ppl").items())
+
+
+def eval_rows(out_dir: str | Path) -> list[dict]:
+    """eval.py's rows (model, context_length, ppl, tokens, note, documents) from its JSON."""
+    return json.loads(Path(out_dir, "ppl_vs_context.json").read_text())["rows"]
+
+
+def ppl_by_length(rows: list[dict]) -> dict[int, float]:
+    """Context length -> perplexity; NaN where eval.py reported the length not reached."""
+    return {
+        int(r["context_length"]): math.nan if r["ppl"] in ("", None) else float(r["ppl"])
+        for r in rows
+    }
+
+
+def prompting(out_dir: str | Path) -> dict[int, float]:
+    """Prompt length -> mean NLL of the fixed suffix, from eval.py's prompting.csv."""
+    f = Path(out_dir, "prompting.csv")
+    if not f.exists() or not f.read_text().strip():
+        return {}
+    with open(f, newline="") as fh:
+        return {int(r["prompt_length"]): float(r["mean_nll"]) for r in csv.DictReader(fh)}

@@ -1,0 +1,125 @@
+"""Every setting of a training run and of an evaluation: typed dataclasses, the only schema.
+
+A run is a :class:`RunConfig`: ``model`` (``models.transformer.ModelConfig``), ``data``
+(``data.config.DataConfig``), ``optim`` (``lightning_modules.lm.OptimConfig``),
+``checkpoint``, ``trainer`` (``lightning.Trainer``'s own arguments, passed as they are) and the
+run keys below. An evaluation is an :class:`EvalConfig`. Each class keeps its checks in
+``__post_init__``; the comment beside each field is its documentation, and
+``configs/default.yaml`` / ``configs/eval.yaml`` are generated from these classes
+(``python -m settings.generate``), so that the defaults live here alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Literal, Optional, get_type_hints
+
+from data.config import DataConfig
+from lightning_modules.lm import OptimConfig
+from models.transformer import ModelConfig
+
+# trainer defaults, and what each means (the trainer section is a free dict: any argument of
+# lightning.Trainer may be added, and is checked against its signature)
+TRAINER_DEFAULTS = {
+    "max_steps": (1000, "optimizer steps"),
+    "accelerator": ("auto", "cpu | gpu | auto"),
+    "devices": (1, "per node"),
+    "strategy": ("auto", "ddp, fsdp, ... (Lightning's)"),
+    "precision": (None, "null: 32-true on CPU, bf16-mixed on CUDA"),
+    "gradient_clip_val": (2.0, "by global norm"),
+    "val_check_interval": (200, "validate every N training steps"),
+    "limit_val_batches": (20, "on at most this many batches"),
+    "check_val_every_n_epoch": (None, "null: by steps (val_check_interval), not epochs"),
+    "log_every_n_steps": (10, "metrics to logs/ and tensorboard/"),
+    "accumulate_grad_batches": (1, "batches per optimizer step"),
+    "num_sanity_val_steps": (0, "a fresh run validates first anyway (validate_first)"),
+    "use_distributed_sampler": (False, "the data module shards by rank itself (exact val sums)"),
+}
+
+
+def _list(*values):
+    return field(default_factory=lambda: list(values))
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    return {key: value for key, (value, _) in TRAINER_DEFAULTS.items()}
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500  # keep a checkpoint every N steps, besides last.ckpt
+
+    def __post_init__(self):
+        if self.every_n_steps < 1:
+            raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {self.every_n_steps}")
+
+
+@dataclass
+class RunConfig:
+    """``python train.py [YAML ...] [key=value ...]``: these defaults, then each YAML, then
+    each override; an unknown key or a wrong type is an error naming it."""
+
+    run_dir: str = "runs/default"  # every output of the run: checkpoints, logs, config, tokenizer
+    seed: int = 1234  # seeds torch, numpy and python (workers too)
+    resume: str | None = None  # null: start fresh; auto: run_dir's last checkpoint if any; a path
+    validate_first: bool = True  # a fresh run measures validation loss before its first step
+    model: ModelConfig = field(default_factory=ModelConfig)  # models.transformer.ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)  # data.config.DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)  # lightning_modules.lm.OptimConfig
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # when to save
+    trainer: dict[str, Any] = field(default_factory=_trainer_defaults)  # lightning.Trainer's own
+
+
+# eval.py's data section: the corpus settings of DataConfig, each null to keep the checkpoint's
+EVAL_DATA_KEYS = (
+    "source", "path", "glob", "hf_name", "hf_config", "hf_split", "hf_text_field",
+    "cache_dir", "val_fraction", "test_fraction",
+)  # fmt: skip
+# the keys that name a corpus (the others only say where to cache it or how to split it)
+CORPUS_KEYS = EVAL_DATA_KEYS[:7]
+_DATA_TYPES = get_type_hints(DataConfig)
+EvalData = make_dataclass(
+    "EvalData",
+    [(name, Optional[_DATA_TYPES[name]], field(default=None)) for name in EVAL_DATA_KEYS],  # noqa: UP045
+    namespace={"__doc__": "Overrides of each checkpoint's data config (null: keep it)."},
+)
+EvalData.__module__ = __name__
+
+Split = Literal["auto", "train", "val", "test", "all"]
+
+
+@dataclass
+class EvalConfig:
+    """``python eval.py checkpoints=[...] [YAML ...] [key=value ...]``: perplexity by context
+    length of each checkpoint (lightning_modules' scoring is in pipeline/scoring.py)."""
+
+    checkpoints: list[str] = _list()  # e.g. [runs/demo/checkpoints/last.ckpt]
+    context_lengths: list[int] = _list(512, 1024, 2048, 4096, 8192)  # tokens of context
+    out_dir: str = "runs/eval"  # tables and plots; written only when everything succeeded
+    split: Split = "auto"  # auto: test split of a model's own corpus, all documents of another
+    suffix: int = 256  # prompting curve: the final tokens scored at every prompt length
+    max_tokens_per_document: int | None = None  # score only this many first tokens of each
+    max_documents: int | None = None  # score only the first N documents serving every length
+    batch_tokens: int = 16384  # tokens per forward pass (windows are batched up to this)
+    dense_blockwise: bool = False  # dense models beyond their training length: blockwise
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    data: EvalData = field(default_factory=EvalData)  # another corpus to score (null: own)
+
+    def __post_init__(self):
+        lengths = list(self.context_lengths)
+        if not self.checkpoints or not lengths or min(lengths) < 1 or self.suffix < 1:
+            raise ValueError(
+                "checkpoints and context_lengths must be non-empty, lengths and suffix >= 1; got "
+                f"checkpoints={list(self.checkpoints)}, context_lengths={lengths}, "
+                f"suffix={self.suffix}"
+            )
+        cap = self.max_tokens_per_document
+        if cap is not None and cap < max(lengths):
+            raise ValueError(
+                f"max_tokens_per_document={cap} must be at least the longest context "
+                f"length {max(lengths)}"
+            )
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"max_documents must be at least 1 or null, got {self.max_documents}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
