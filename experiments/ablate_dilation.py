@@ -1,7 +1,7 @@
 """Which dilation schedule? Train each of a grid for the same tokens, score and time them.
 
-    python experiments/ablate_dilation.py --config configs/study/ablate_dilation_tiny.yaml
-    python experiments/ablate_dilation.py --config ... --only w0=128_ratio=2 --dry-run
+    python -m experiments.ablate_dilation --config configs/study/ablate_dilation_tiny.yaml
+    python -m experiments.ablate_dilation --config ... --only w0=128_ratio=2 --dry-run
 
 The study YAML names one model config, one training length and token budget, and the
 schedules: a grid over (w0, ratio, reach, drop_largest) of geometric schedules (the paper's

@@ -1,7 +1,7 @@
 """How dilated attention scales with sequence length, against its kernel floor and dense SDPA.
 
-    python experiments/attention_scaling.py            # the full table (about 20 min on 2 cores)
-    python experiments/attention_scaling.py --quick    # 8K-32K, one repeat, a minute or two
+    python -m experiments.attention_scaling            # the full table (about 20 min on 2 cores)
+    python -m experiments.attention_scaling --quick    # 8K-32K, one repeat, a minute or two
 
 For each N: forward (inference mode) and forward+backward time, median of --repeats runs, and
 peak memory, of `dilated_attention` with the paper's schedule (w = 2048..32768, r = 1..12),

@@ -1,6 +1,6 @@
 """One command for the first GPU that comes: `make gpu-check` (about 8 minutes on one GPU).
 
-    python experiments/gpu_check.py [--out runs/gpu-check] [--only tests bench train]
+    python -m experiments.gpu_check [--out runs/gpu-check] [--only tests bench train]
 
 1. tests: the `gpu`-marked tests (every attention pattern, forward and gradients against the
    float64 references, fp32/bf16/fp16, torch's kernels and flash-attn when installed);

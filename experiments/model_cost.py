@@ -1,7 +1,7 @@
 """Size, FLOPs and measured training-step time of the model configs, side by side.
 
-    python experiments/model_cost.py                       # the tiny models at 2K and 8K
-    python experiments/model_cost.py --models longnet_tiny transformer_tiny --lengths 2048
+    python -m experiments.model_cost                       # the tiny models at 2K and 8K
+    python -m experiments.model_cost --models longnet_tiny transformer_tiny --lengths 2048
 
 For each config in configs/model/: parameters, training FLOPs per token (attention included,
 per type), and the median time of forward + backward (cross-entropy loss) on one sequence of

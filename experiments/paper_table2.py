@@ -1,8 +1,8 @@
 """The paper's Table 2: perplexity of Transformer, Sparse Transformer and LongNet by length.
 
-    python experiments/paper_table2.py --scale tiny     # 2 CPU cores, the stdlib corpus
-    python experiments/paper_table2.py --scale paper    # the paper's settings, for GPUs
-    python experiments/paper_table2.py --config my_study.yaml --only longnet_8192 --dry-run
+    python -m experiments.paper_table2 --scale tiny     # 2 CPU cores, the stdlib corpus
+    python -m experiments.paper_table2 --scale paper    # the paper's settings, for GPUs
+    python -m experiments.paper_table2 --config my_study.yaml --only longnet_8192 --dry-run
 
 The protocol (configs/study/paper_table2_<scale>.yaml): each run trains one model at one length
 with the same tokens per batch (batch = tokens_per_batch / length) for the same number of

@@ -2,9 +2,9 @@
 context lengths 2K to 32K on this machine, and the length at which LongNet overtakes dense.
 On CUDA the same script reports model FLOPs utilisation.
 
-    python experiments/throughput.py                                  # the three tiny models
-    python experiments/throughput.py --lengths 2048 8192 --repeats 1  # a quicker look
-    python experiments/throughput.py --models longnet_tiny transformer_tiny --max-seconds 30
+    python -m experiments.throughput                                  # the three tiny models
+    python -m experiments.throughput --lengths 2048 8192 --repeats 1  # a quicker look
+    python -m experiments.throughput --models longnet_tiny transformer_tiny --max-seconds 30
 
 One training step is what train.py does on one batch: forward, cross-entropy loss, backward,
 an AdamW step (lr 1e-4) and zero_grad, on a batch of one sequence of N tokens, so a step

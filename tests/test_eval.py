@@ -166,3 +166,39 @@ def test_another_corpus_is_scored_whole(ckpt, tmp_path, capsys):
     else:
         with pytest.raises(ConfigError, match="test split of the corpus is empty"):
             run(args)
+
+
+def test_a_bug_is_not_reported_as_not_reached(ckpt, tmp_path, monkeypatch):
+    """Only out of memory and XPOS range become "not reached"; anything else propagates."""
+    from models.positional import XposRangeError
+
+    base = [f"checkpoints=[{ckpt}]", "context_lengths=[16,32]", "split=val", "suffix=8"]
+    calls = {"n": 0}
+    real = ev.nll
+
+    def flaky(net, windows):
+        calls["n"] += 1
+        if windows.shape[1] == 33:  # length 32 cannot run here
+            raise XposRangeError("XPOS scales reach exp(99) for 32 positions")
+        return real(net, windows)
+
+    monkeypatch.setattr(ev, "nll", flaky)
+    res = run([*base, f"out_dir={tmp_path / 'a'}"])[0]
+    assert res.lengths[16].ppl and res.lengths[32].ppl is None
+    assert res.lengths[32].reason.startswith("not reached: XPOS scales reach")
+    assert "not reached: XPOS" in (tmp_path / "a" / "ppl_vs_context.csv").read_text()
+
+    def broken(net, windows):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(ev, "nll", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run([*base, f"out_dir={tmp_path / 'b'}"])
+    assert not (tmp_path / "b").exists()
+
+
+def test_progress_in_a_log_is_lines(ckpt, tmp_path, capsys):
+    run([f"checkpoints=[{ckpt}]", "context_lengths=[16]", "split=val", "suffix=8",
+         f"out_dir={tmp_path / 'o'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "100% (" in err and "\r" not in err

@@ -170,3 +170,12 @@ def test_command_line_errors_exit_2(capsys):
 
     assert run_cli(train, ["model.n_layers=3"]) == 2
     assert "did you mean model.n_layer" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_is_lines(tiny_args, tmp_path, capfd):
+    """Output that is not a terminal gets a line per logging interval, no carriage returns."""
+    train(tiny_args(tmp_path / "run", "trainer.max_steps=4", "trainer.enable_progress_bar=true",
+                    "trainer.log_every_n_steps=2"))  # fmt: skip
+    err = capfd.readouterr().err
+    assert "step 2/4" in err and "step 4/4" in err and "validation at step 4" in err
+    assert "\r" not in err

@@ -1,0 +1,84 @@
+"""The schema is the only source of defaults: generated files are current, shipped YAMLs hold
+only differences and load, --print-config shows any command line, errors name key and origin."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from settings import generate
+from settings.cli import run_cli
+from settings.loading import ConfigError, load_eval_config, load_run_config, split_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_YAMLS = sorted(
+    p for d in ("model", "experiment", "debug") for p in (ROOT / "configs" / d).glob("*.yaml")
+)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = prefix + key
+        if isinstance(value, dict) and name != "trainer":
+            out.update(flat(value, name + "."))
+        elif isinstance(value, dict):
+            out.update({f"trainer.{k}": v for k, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def test_generated_files_are_current():
+    """configs/default.yaml and configs/eval.yaml are what settings/generate.py writes."""
+    assert generate.main(["--check"]) == 0, "run python -m settings.generate"
+
+
+@pytest.mark.parametrize("path", RUN_YAMLS, ids=[f"{p.parent.name}/{p.stem}" for p in RUN_YAMLS])
+def test_shipped_yamls_load_and_hold_only_differences(path):
+    load_run_config([str(path)], ["data.path=/tmp"])  # every key known, every type right
+    defaults = flat(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()))
+    same = {k: v for k, v in flat(yaml.safe_load(path.read_text()) or {}).items()
+            if k in defaults and defaults[k] == v}  # fmt: skip
+    assert not same, f"{path.name} repeats defaults: {same}"
+
+
+def test_print_config_shows_the_resolved_command_line(capsys):
+    argv = ["configs/experiment/demo.yaml", "model.attention=dense", "--print-config"]
+    assert run_cli(lambda a: pytest.fail("ran"), argv, load=load_run_config) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["attention"] == "dense" and printed["run_dir"] == "runs/demo"
+    assert printed["trainer"]["max_steps"] == 300 and printed["optim"]["warmup_steps"] == 10
+    argv = ["checkpoints=[a.ckpt]", "context_lengths=[64]", "--print-config"]
+    assert run_cli(lambda a: pytest.fail("ran"), argv, load=load_eval_config) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["split"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["checkpoints=[a]", "split=dev"], r"split in override 'split=dev': .*'auto', 'train'"),
+        (["checkpoints=[a]", "context_lenghts=[1]"], "did you mean context_lengths"),
+        (["checkpoints=[a]", "data.sorce=text_dir"], "did you mean data.source"),
+        (["context_lengths=[8]"], "checkpoints and context_lengths must be non-empty"),
+        (["checkpoints=[a]", "context_lengths=[64]", "max_tokens_per_document=8"], "at least"),
+    ],
+)
+def test_eval_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_eval_config(*split_argv(argv))
+
+
+def test_value_checks_name_their_section():
+    with pytest.raises(ConfigError, match="^model: d_model=30 must be divisible by n_head=4"):
+        load_run_config([], ["model.d_model=30"])
+    with pytest.raises(ConfigError, match="^data.seq_len must be a positive integer"):
+        load_run_config([], ["data.seq_len=0"])
+    with pytest.raises(ConfigError, match="^optim.schedule must be one of|optim.schedule in"):
+        load_run_config([], ["optim.schedule=step"])
+
+
+def test_empty_yaml_is_an_empty_mapping(tmp_path):
+    empty = tmp_path / "e.yaml"
+    empty.write_text("# nothing but a comment\n")
+    assert load_run_config([str(empty)]).model.d_model == 256
