@@ -31,6 +31,7 @@ import torch
 
 from models.attention.backends import attention_backward, attention_forward
 from models.attention.dilated import dilated_attention
+from pipeline import report
 
 PAPER_W = [2048, 4096, 8192, 16384, 32768]
 PAPER_R = [1, 2, 4, 6, 12]
@@ -259,26 +260,22 @@ def _ratio(a, b):
 
 
 def markdown_table(rows) -> str:
-    head = (
-        "| N | fwd s | fwd+bwd s | floor fwd+bwd s | x floor (fwd / fwd+bwd) | "
-        "us/token fwd+bwd | dense fwd+bwd s | dense / dilated | peak MiB fwd | "
-        "peak MiB fwd+bwd |"
-    )
-    lines = [head, "|" + "---|" * 10]
+    header = ["N", "fwd s", "fwd+bwd s", "floor fwd+bwd s", "x floor (fwd / fwd+bwd)",
+              "us/token fwd+bwd", "dense fwd+bwd s", "dense / dilated", "peak MiB fwd",
+              "peak MiB fwd+bwd"]  # fmt: skip
+    table = []
     for r in rows:
-        fb = r.get("fwdbwd_s")
-        lines.append(
-            f"| {r['n'] // K}K | {fmt(r['fwd_s'], '.2f')} | {fmt(fb, '.2f')} | "
-            f"{fmt(r.get('floor_fwdbwd_s'), '.2f')} | "
+        fb, mem = r.get("fwdbwd_s"), r.get("fwdbwd_mem")
+        table.append([
+            f"{r['n'] // K}K", fmt(r["fwd_s"], ".2f"), fmt(fb, ".2f"),
+            fmt(r.get("floor_fwdbwd_s"), ".2f"),
             f"{fmt(_ratio(r['fwd_s'], r.get('floor_fwd_s')), '.2f')} / "
-            f"{fmt(_ratio(fb, r.get('floor_fwdbwd_s')), '.2f')} | "
-            f"{fmt(None if fb is None else fb / r['n'] * 1e6, '.1f')} | "
-            f"{fmt(r.get('dense_fwdbwd_s'), '.2f')} | "
-            f"{fmt(_ratio(r.get('dense_fwdbwd_s'), fb), '.1f')} | "
-            f"{fmt(r['fwd_mem'] / 2**20, '.0f')} | "
-            f"{fmt(None if r['fwdbwd_mem'] is None else r['fwdbwd_mem'] / 2**20, '.0f')} |"
-        )
-    return "\n".join(lines)
+            f"{fmt(_ratio(fb, r.get('floor_fwdbwd_s')), '.2f')}",
+            fmt(None if fb is None else fb / r["n"] * 1e6, ".1f"),
+            fmt(r.get("dense_fwdbwd_s"), ".2f"), fmt(_ratio(r.get("dense_fwdbwd_s"), fb), ".1f"),
+            fmt(r["fwd_mem"] / 2**20, ".0f"), fmt(None if mem is None else mem / 2**20, ".0f"),
+        ])  # fmt: skip
+    return report.markdown_table(header, table)
 
 
 def summary(rows) -> str:
@@ -297,36 +294,17 @@ def summary(rows) -> str:
 
 
 def plot(rows, path, args):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    series = [
-        ("fwd_s", "dilated fwd"),
-        ("fwdbwd_s", "dilated fwd+bwd"),
-        ("floor_fwdbwd_s", "kernel floor fwd+bwd"),
-        ("dense_fwdbwd_s", "dense SDPA fwd+bwd"),
-    ]
-    for key, label in series:
-        pts = [(r["n"], r[key]) for r in rows if r.get(key)]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length N (tokens)")
-    ax.set_ylabel("seconds (median)")
-    ax.set_title(
-        f"Dilated attention, paper schedule, H={args.heads} D={args.head_dim}, "
-        f"{args.device.type} {str(args.dtype)[6:]}",
-        fontsize=9,
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    series = {
+        "dilated fwd": "fwd_s",
+        "dilated fwd+bwd": "fwdbwd_s",
+        "kernel floor fwd+bwd": "floor_fwdbwd_s",
+        "dense SDPA fwd+bwd": "dense_fwdbwd_s",
+    }
+    curves = {label: {r["n"]: r.get(key) for r in rows} for label, key in series.items()}
+    title = (f"Dilated attention, paper schedule, H={args.heads} D={args.head_dim}, "
+             f"{args.device.type} {str(args.dtype)[6:]}")  # fmt: skip
+    report.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)", title,
+                     logy=True, fontsize=9)  # fmt: skip
 
 
 def fixed_mmap_threshold() -> None:

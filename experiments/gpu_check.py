@@ -32,6 +32,7 @@ import torch
 
 from experiments import attention_scaling
 from models.attention.backends import flash_attn_version, resolve_backend
+from pipeline.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 1024
@@ -193,9 +194,8 @@ def mfu(tokens_per_s: float, device_name: str) -> str:
 
 
 def report(env: dict, results: dict, seconds: float) -> str:
-    lines = ["# gpu-check", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in env.items()]
-    lines += [f"| total time | {seconds:.0f} s |", ""]
+    lines = ["# gpu-check", ""]
+    lines += [markdown_table(["", ""], [*env.items(), ("total time", f"{seconds:.0f} s")]), ""]
     if "tests" in results:
         t = results["tests"]
         lines += ["## GPU tests (tests/test_gpu.py)", "", f"{t['status']}: {t.get('summary', '')}"]
@@ -211,14 +211,12 @@ def report(env: dict, results: dict, seconds: float) -> str:
         lines += [f"## Training: longnet_base, {TRAIN_LEN // K}K tokens/step, bf16-mixed", "",
                   t["status"], ""]  # fmt: skip
         if "tokens_per_s" in t:
-            lines += [
-                "| steps | tokens/s (median) | s/step | loss first -> last | peak GiB | MFU |",
-                "|---|---|---|---|---|---|",
-                f"| {t['steps']} | {t['tokens_per_s']:.0f} | {t['step_s']:.3f} | "
-                f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} | {t['peak_gib']:.1f} | "
-                f"{mfu(t['tokens_per_s'], env['device'])} |",
-                "",
-            ]
+            header = ["steps", "tokens/s (median)", "s/step", "loss first -> last", "peak GiB",
+                      "MFU"]  # fmt: skip
+            row = [str(t["steps"]), f"{t['tokens_per_s']:.0f}", f"{t['step_s']:.3f}",
+                   f"{t['loss_first']:.3f} -> {t['loss_last']:.3f}", f"{t['peak_gib']:.1f}",
+                   mfu(t["tokens_per_s"], env["device"])]  # fmt: skip
+            lines += [markdown_table(header, [row]), ""]
     return "\n".join(lines)
 
 

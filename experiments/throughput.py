@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from experiments.attention_scaling import fixed_mmap_threshold, timed
 from experiments.model_cost import load
 from models.transformer import ModelConfig, TransformerLM, flops_per_token
+from pipeline import report
+from pipeline.scoring import not_reached
 from settings.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +138,8 @@ def run_model(name: str, cfg: ModelConfig, args) -> list[dict]:
         try:
             row.update(measure(model, optimizer, n, args))
         except (RuntimeError, MemoryError) as e:  # out of memory, on either device
+            if not isinstance(e, MemoryError) and not_reached(e) is None:
+                raise  # a bug, not a limit of this machine
             row["status"] = "not reached: " + (str(e).strip().splitlines() or [type(e).__name__])[0]
             skip = f"skipped (not reached at {n})"
         _free(optimizer, args.device)
@@ -196,9 +200,9 @@ def _length(n: int) -> str:
 
 def markdown_table(rows: list[dict], models: list[str], lengths: list[int], cuda: bool) -> str:
     per_model = ["tok/s", "peak MiB"] + (["MFU %"] if cuda else [])
-    head = ["N"] + [f"{m} {c}" for m in models for c in per_model]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    header = ["N"] + [f"{m} {c}" for m in models for c in per_model]
     by_key = {(r["model"], r["n"]): r for r in rows}
+    table = []
     for n in lengths:
         cells = [_length(n)]
         for m in models:
@@ -208,8 +212,8 @@ def markdown_table(rows: list[dict], models: list[str], lengths: list[int], cuda
                 continue
             cells += [f"{r['tokens_per_s']:.0f}", f"{r['peak_mib']:.0f}"]
             cells += [f"{100 * r['mfu']:.1f}"] if cuda else []
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return report.markdown_table(header, table)
 
 
 def write_outputs(rows: list[dict], info: dict, verdict: str, args) -> None:
@@ -230,26 +234,12 @@ def write_outputs(rows: list[dict], info: dict, verdict: str, args) -> None:
 
 
 def plot(rows: list[dict], models: list[str], path: Path, info: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for m in models:
-        pts = [(r["n"], r["tokens_per_s"]) for r in rows if r["model"] == m and r["status"] == "ok"]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context length N (tokens, batch of one sequence)")
-    ax.set_ylabel("training tokens / s (median step)")
-    ax.set_title(f"Training throughput, {info['device']}, {info['dtype']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ok = [r for r in rows if r["status"] == "ok"]
+    curves = {m: {r["n"]: r["tokens_per_s"] for r in ok if r["model"] == m} for m in models}
+    report.line_plot(path, curves, "context length N (tokens, batch of one sequence)",
+                     "training tokens / s (median step)",
+                     f"Training throughput, {info['device']}, {info['dtype']}", logy=True,
+                     fontsize=9)  # fmt: skip
 
 
 def main(argv=None) -> None:
