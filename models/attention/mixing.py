@@ -180,18 +180,16 @@ def mixed_forward(p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         lse.fill_(float("-inf"))
     for call in p.calls:
         k, v = p.sources[call.source]
-        mask = _additive(call.mask, q.dtype)
-        out, l_blk = attention_forward(
-            call.q.view(q),
-            call.kv.view(k),
-            call.kv.view(v),
-            causal=call.causal,
-            scale=p.scale,
-            mask=mask,
-            backend=p.backend,
-        )
+        views = (call.q.view(q), call.kv.view(k), call.kv.view(v))
+        out, l_blk = attention_forward(*views, **_kernel_args(p, call))
         _merge(call.q.view(o), call.q.view(lse), out, l_blk, fresh=call.first)
     return o.to(q.dtype), lse
+
+
+def _kernel_args(p: Plan, call: Call) -> dict:
+    """The keyword arguments of one call's kernel, forward and backward alike."""
+    mask = _additive(call.mask, p.q.dtype)
+    return dict(causal=call.causal, scale=p.scale, mask=mask, backend=p.backend)
 
 
 def _merge(o, lse, out, l_blk, fresh: bool) -> None:
@@ -223,19 +221,9 @@ def mixed_backward(p: Plan, dout, out, lse):
     ]
     for call in p.calls:
         k, v = p.sources[call.source]
-        mask = _additive(call.mask, q.dtype)
-        q_views = [call.q.view(x) for x in (dout, q)]
-        kv_views = [call.kv.view(x) for x in (k, v)]
-        parts = attention_backward(
-            *q_views,
-            *kv_views,
-            call.q.view(out),
-            call.q.view(lse),
-            causal=call.causal,
-            scale=p.scale,
-            mask=mask,
-            backend=p.backend,
-        )
+        views = [call.q.view(dout), call.q.view(q), call.kv.view(k), call.kv.view(v)]
+        views += [call.q.view(out), call.q.view(lse)]
+        parts = attention_backward(*views, **_kernel_args(p, call))
         targets = [call.q.view(dq), *(call.kv.view(g) for g in dkv[call.source])]
         for target, part in zip(targets, parts, strict=True):
             target.copy_(part) if call.first else target.add_(part)
