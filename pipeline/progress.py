@@ -35,8 +35,8 @@ class LineProgressBar(ProgressBar):
             for k, v in metrics.items()
             if k != "v_num"
         )
-        elapsed = time.perf_counter() - (self._start or time.perf_counter())
-        print(f"{what} [{elapsed:.0f} s] {shown}", file=sys.stderr, flush=True)
+        when = "" if self._start is None else f" [{time.perf_counter() - self._start:.0f} s]"
+        print(f"{what}{when} {shown}", file=sys.stderr, flush=True)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()

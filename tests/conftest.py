@@ -2,19 +2,16 @@
 configs (configs/debug/tiny.yaml: the smallest run that exercises everything)."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.support.corpus import write_corpus
+from tests.support.runs import tiny_run
 
 # Tests never touch the network: Hugging Face libraries must use local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "debug" / "tiny.yaml"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,17 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def tiny_run(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    """train.py arguments of a tiny run on the corpus under ``root``."""
-    return [
-        str(TINY_CONFIG),
-        f"data.path={root / 'corpus'}",
-        f"data.cache_dir={root / 'cache'}",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")

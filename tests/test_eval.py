@@ -12,8 +12,8 @@ from pipeline import scoring as ev
 from pipeline.evaluation import evaluate as run
 from pipeline.training import train
 from settings.loading import ConfigError
-from tests.conftest import tiny_run
 from tests.support.corpus import write_corpus
+from tests.support.runs import tiny_run
 
 
 def write_long_documents(directory, n=4, seed=0, prefix="long"):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from experiments import ablate_dilation, paper_table2, study
-from tests.conftest import TINY_CONFIG
+from tests.support.runs import TINY_CONFIG
 
 
 def micro_train(corpus) -> list[str]:
