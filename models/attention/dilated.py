@@ -28,8 +28,10 @@ from dataclasses import replace
 from functools import lru_cache
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from models.attention import distributed
 from models.attention.backends import BACKENDS, resolve_backend
 from models.attention.mixing import Block, Call, Plan, chunked, mixed_attention, plan
 
@@ -114,6 +116,14 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("sequence length N must be at least 1, got 0")
 
 
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return float(scale)
+
+
 # ----------------------------------------------------------------------------------------------
 # geometry: every pair is a set of dense, strided blocks of the inputs
 
@@ -187,35 +197,67 @@ def dilated_attention(
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """Dilated attention of ``q, k, v`` ``(B, N, H, D)``; returns ``(B, N, H, D)`` in q's dtype.
 
     ``scale`` defaults to ``1/sqrt(D)``. ``backend``: ``"auto"`` (flash-attn where it runs the
     call, torch's fused kernels otherwise, plain matmuls for float64 on CUDA), ``"torch"``,
     ``"flash"`` or ``"math"``.
+
+    ``group``: a ``torch.distributed`` process group of P ranks over which one sequence is
+    split: q, k, v are then this rank's slice ``(B, N/P, H, D)`` (consecutive slices in
+    group-rank order) and the result is this rank's slice of the output on the whole sequence
+    (``distributed.py``). Every rank must make the same call.
     """
     return mixed_attention(
-        dilated_plan(q, k, v, segment_lengths, dilation_rates, causal, scale, backend)
+        dilated_plan(q, k, v, segment_lengths, dilation_rates, causal, scale, backend, group)
     )
 
 
 def dilated_plan(
-    q, k, v, segment_lengths, dilation_rates, causal=True, scale=None, backend="auto"
+    q, k, v, segment_lengths, dilation_rates, causal=True, scale=None, backend="auto", group=None
 ) -> Plan:
-    """The checked inputs and kernel calls of :func:`dilated_attention`, not yet run."""
+    """The checked inputs and kernel calls of :func:`dilated_attention`, not yet run (with a
+    ``group``, the exchanges of keys and values between ranks have run)."""
     pairs = validate_schedule(segment_lengths, dilation_rates)
     _check_qkv(q, k, v)
     B, N, H, D = q.shape
+    if group is not None and dist.get_world_size(group) > 1:
+        return _distributed_plan(q, k, v, pairs, bool(causal), scale, backend, group)
     check_coverage(pairs, H, N)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    scale = _check_scale(scale, D)
     backend = resolve_backend(backend, q)
     calls = dilated_calls(pairs, B, N, H, bool(causal))
     # a first pair with r = 1 keeps every (position, head): accumulators need no initialising
     covers_all = pairs[0][1] == 1
     return plan(q, [(k, v)], calls, covers_all=covers_all, scale=scale, backend=backend)
+
+
+def _distributed_plan(q, k, v, pairs, causal, scale, backend, group) -> Plan:
+    B, length, H, D = q.shape
+    distributed.check_agreement(q, pairs, causal, group)  # every rank raises alike, or none
+    at = distributed.layout_of(group, length)
+    distributed.check_split(pairs, at)
+    check_coverage(pairs, H, at.total)
+    scale = _check_scale(scale, D)
+    backend = resolve_backend(backend, q)
+    sources, calls = [(k, v)], []
+    for i, (w, r) in enumerate(pairs):
+        sp = distributed.spanning(w, r, at, causal)
+        if sp is None:  # segments inside this rank's slice: as on one device
+            calls += [
+                call
+                for block in _blocks(w, r, B, length, H)
+                for call in chunked(Call(q=block, kv=block, causal=causal, first=i == 0))
+            ]
+            continue
+        # every rank exchanges for every spanning pair (even with nothing to send or receive),
+        # so that the collectives, forward and backward, match across ranks
+        sources.append(distributed.exchange(k, v, sp, at, group))
+        calls += distributed.spanning_calls(sp, at, B, H, len(sources) - 1, first=i == 0)
+    covers_all = pairs[0][1] == 1
+    return plan(q, sources, calls, covers_all=covers_all, scale=scale, backend=backend)
 
 
 class DilatedAttention(nn.Module):

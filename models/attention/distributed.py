@@ -1,0 +1,233 @@
+"""Dilated attention over a sequence split across the ranks of a process group (LongNet,
+section 3.1), exact and causal.
+
+P ranks hold one sequence of N = P * l tokens in P consecutive slices of l, in group-rank
+order. For pair (w, r) let w' = min(w, N):
+
+- w' divides l: every segment lies inside one rank; the pair is computed locally, exactly as
+  on one device (segment boundaries are multiples of w', and so is every slice start).
+- w' is a multiple of l: a segment spans m = w'/l consecutive ranks (the last segment may
+  span fewer). Each rank keeps, for each head h, the rows of its slice whose offset from the
+  segment start is ``h mod r`` modulo r (offsets follow the global position, so the first kept
+  row of a slice depends on where the slice starts in its segment), packs them into one buffer
+  ``(B, ceil(l/r), H, D)`` for k and one for v, and sends it to the ranks of its segment whose
+  queries may see it: the later ones (causal) or all the others. A rank's kept queries attend
+  its own kept keys (causally: the pair's local block) and the received ones, all mixed with
+  the other pairs in one softmax by the usual engine (``mixing.py``). The backward sends the
+  gradients of the received buffers back with the reverse exchange and sums them.
+- anything else is rejected on every rank before any collective.
+
+Each exchange is one ``all_to_all_single`` over the group with empty splits for the ranks
+outside the segment: data moves only among a segment's ranks, and every rank issues the same
+collectives in the same order. Per rank and pair at most ``2 * B * H * D * (w' - l) / r``
+elements are received (the segment's other ranks' kept rows), bounded as N grows while w < N.
+``EXCHANGE_BYTES`` counts what each rank sends and receives (for the benchmark).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from models.attention.mixing import Block, Call, chunked
+
+# bytes this process sent and received through exchanges, forward and backward together
+EXCHANGE_BYTES = {"sent": 0, "received": 0, "calls": 0}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits: group size, rank, slice length and the whole length."""
+
+    world: int
+    rank: int
+    length: int  # l: this rank's tokens
+
+    @property
+    def total(self) -> int:
+        return self.world * self.length
+
+
+def layout_of(group, length: int) -> Layout:
+    return Layout(dist.get_world_size(group), dist.get_rank(group), length)
+
+
+# ----------------------------------------------------------------------------------------------
+# checks, before any collective of the attention
+
+
+def check_split(pairs, at: Layout) -> None:
+    """Each pair's segment ``w' = min(w, N)`` must divide the slice or be a multiple of it."""
+    for w, _ in pairs:
+        seg = min(w, at.total)
+        if at.length % seg and seg % at.length:
+            raise ValueError(
+                f"segment length {w} (w' = min(w, N) = {seg}) neither divides the slice length "
+                f"l = N / P = {at.length} nor is a multiple of it (N = {at.total}, "
+                f"P = {at.world}); choose segment lengths that divide l or are multiples of it"
+            )
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return int(hashlib.sha256(str(dtype).encode()).hexdigest()[:6], 16)
+
+
+def check_agreement(q: torch.Tensor, pairs, causal: bool, group) -> None:
+    """Every rank passes the same shapes, dtype, schedule and causality, or every rank raises
+    a ValueError naming them (one small all_gather: no rank is left waiting)."""
+    B, L, H, D = q.shape
+    schedule = int(hashlib.sha256(repr((pairs, causal)).encode()).hexdigest()[:12], 16)
+    mine = torch.tensor([B, L, H, D, _dtype_code(q.dtype), schedule], dtype=torch.int64)
+    device = q.device if q.device.type != "cpu" or dist.get_backend(group) == "gloo" else "cpu"
+    mine = mine.to(device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    rows = [tuple(int(x) for x in t.tolist()) for t in every]
+    if any(row != rows[0] for row in rows):
+        shapes = {rank: row[:4] for rank, row in enumerate(rows)}
+        raise ValueError(
+            "the ranks of the group disagree on the call: (B, l, H, D) by rank "
+            f"{shapes}; dtype or schedule/causal agree: "
+            f"{len({row[4] for row in rows}) == 1} / {len({row[5] for row in rows}) == 1}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# the exchange
+
+
+class _Exchange(torch.autograd.Function):
+    """all_to_all_single of ``send (n_dst, ...)`` to the ranks with a 1 in ``send_counts``;
+    returns ``(n_src, ...)`` from the ranks with a 1 in ``recv_counts``. The backward is the
+    reverse exchange of the gradients."""
+
+    @staticmethod
+    def forward(ctx, send, send_counts, recv_counts, group):
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        return _all_to_all(send, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_counts, recv_counts = ctx.counts
+        return _all_to_all(grad, recv_counts, send_counts, ctx.group), None, None, None
+
+
+def _all_to_all(send, send_counts, recv_counts, group):
+    send = send.contiguous()
+    out = send.new_empty((sum(recv_counts), *send.shape[1:]))
+    dist.all_to_all_single(out, send, list(recv_counts), list(send_counts), group=group)
+    EXCHANGE_BYTES["sent"] += send.numel() * send.element_size()
+    EXCHANGE_BYTES["received"] += out.numel() * out.element_size()
+    EXCHANGE_BYTES["calls"] += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry of a pair that spans ranks
+
+
+def _kept(phase: int, r: int, length: int) -> int:
+    """Rows ``phase, phase + r, ... < length``."""
+    return max(0, -(-(length - phase) // r))
+
+
+@dataclass(frozen=True)
+class Spanning:
+    """Pair (w, r) whose segments span ``m`` ranks, seen from one rank."""
+
+    r: int
+    m: int  # ranks per segment
+    members: tuple[int, ...]  # the ranks of this rank's segment, in order
+    index: int  # this rank's position among them
+    causal: bool
+
+    def phase(self, c: int, index: int, length: int) -> int:
+        """First local row of offset class c on the segment's rank ``index``."""
+        return (c - index * length) % self.r
+
+    @property
+    def sources(self) -> list[int]:
+        """Indices (in members) whose kept keys this rank's queries see."""
+        if self.causal:
+            return list(range(self.index))
+        return [i for i in range(len(self.members)) if i != self.index]
+
+    @property
+    def destinations(self) -> list[int]:
+        if self.causal:
+            return list(range(self.index + 1, len(self.members)))
+        return [i for i in range(len(self.members)) if i != self.index]
+
+
+def spanning(w: int, r: int, at: Layout, causal: bool) -> Spanning | None:
+    seg = min(w, at.total)
+    if at.length % seg == 0:
+        return None  # local
+    m = seg // at.length
+    first = at.rank // m * m
+    members = tuple(range(first, min(first + m, at.world)))
+    return Spanning(r, m, members, at.rank - first, causal)
+
+
+def _classes(r: int, n_head: int):
+    """(offset class c, its heads c, c + r, ...)."""
+    for c in range(min(r, n_head)):
+        yield c, len(range(c, n_head, r))
+
+
+def pack(x: torch.Tensor, sp: Spanning, length: int) -> torch.Tensor:
+    """(B, l, H, D) -> (B, ceil(l/r), H, D): for each head h, its kept rows first (zeros
+    after): rows ``phase(h mod r) + j*r`` of the slice."""
+    B, _, H, D = x.shape
+    R = -(-length // sp.r)
+    out = x.new_zeros((B, R, H, D))
+    for c, heads in _classes(sp.r, H):
+        phase = sp.phase(c, sp.index, length)
+        rows = _kept(phase, sp.r, length)
+        if rows:
+            src = Block(groups=B, group_stride=0, pos=phase, head=c, heads=heads, head_stride=sp.r,
+                        rows=rows, row_stride=sp.r)  # fmt: skip
+            dst = Block(groups=B, group_stride=0, head=c, heads=heads, head_stride=sp.r, rows=rows)
+            dst.view(out).copy_(src.view(x))
+    return out
+
+
+def exchange(k: torch.Tensor, v: torch.Tensor, sp: Spanning, at: Layout, group):
+    """The received kept keys and values, each ``(n_src * B, ceil(l/r), H, D)``: source i's
+    rows for batch row b are batch row ``i * B + b``."""
+    B, _, H, D = k.shape
+    buffer = torch.stack([pack(k, sp, at.length), pack(v, sp, at.length)])  # (2, B, R, H, D)
+    dst = {sp.members[i] for i in sp.destinations}
+    src = {sp.members[i] for i in sp.sources}
+    send_counts = [1 if p in dst else 0 for p in range(at.world)]
+    recv_counts = [1 if p in src else 0 for p in range(at.world)]
+    send = buffer.unsqueeze(0).expand(len(dst), *buffer.shape)  # (n_dst, 2, B, R, H, D)
+    got = _Exchange.apply(send, send_counts, recv_counts, group)  # (n_src, 2, B, R, H, D)
+    n_src, _, _, R, _, _ = got.shape
+    # (n_src, B, R, H, D) -> (n_src * B, R, H, D): batch rows of source i follow each other
+    return got[:, 0].reshape(n_src * B, R, H, D), got[:, 1].reshape(n_src * B, R, H, D)
+
+
+def spanning_calls(sp: Spanning, at: Layout, batch: int, n_head: int, source: int, first: bool):
+    """The pair's calls on this rank: its own kept rows (causally, on source 0) and the
+    received rows of each source rank (on ``source``)."""
+    calls = []
+    for c, heads in _classes(sp.r, n_head):
+        phase = sp.phase(c, sp.index, at.length)
+        rows = _kept(phase, sp.r, at.length)
+        if rows == 0:
+            continue
+        q = Block(groups=batch, group_stride=0, pos=phase, head=c, heads=heads, head_stride=sp.r,
+                  rows=rows, row_stride=sp.r)  # fmt: skip
+        calls += chunked(Call(q=q, kv=q, causal=sp.causal, first=first))
+        for n, i in enumerate(sp.sources):
+            kv_rows = _kept(sp.phase(c, i, at.length), sp.r, at.length)
+            if kv_rows == 0:
+                continue
+            kv = Block(batch=n * batch, groups=batch, group_stride=0, head=c, heads=heads,
+                       head_stride=sp.r, rows=kv_rows)  # fmt: skip
+            calls += chunked(Call(q=q, kv=kv, causal=False, source=source))
+    return calls
