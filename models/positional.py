@@ -60,16 +60,20 @@ def xpos_zeta(head_dim: int) -> torch.Tensor:
     return (torch.arange(0, head_dim, 2, dtype=torch.float64) + 0.4 * head_dim) / (1.4 * head_dim)
 
 
-def anchor_offsets(positions: torch.Tensor, anchor: int | None) -> torch.Tensor:
+def anchor_offsets(positions: torch.Tensor, anchor: int | None, total: int | None = None):
     """``p - a(p)`` in float64: a(p) is the centre of p's anchor block (blocks of ``anchor``
-    positions, the last one cut at the end of the sequence), or of the whole sequence."""
+    positions, the last one cut at the end of the sequence), or of the whole sequence.
+
+    ``total``: the whole sequence is ``0 .. total - 1`` and ``positions`` may be a slice of it
+    (sequence parallelism): every rank then finds the same centres. None: ``positions`` is the
+    whole sequence."""
     p = positions.to(torch.float64)
-    lo, hi = p.min(), p.max()
+    lo, hi = (p.min(), p.max()) if total is None else (0.0, float(total - 1))
     if anchor is None:
         return p - (lo + hi) / 2
     start = torch.div(positions, anchor, rounding_mode="floor").to(torch.float64) * anchor
-    end = torch.minimum(start + anchor - 1, hi)
-    return p - (torch.maximum(start, lo) + end) / 2
+    end = torch.clamp(start + anchor - 1, max=hi)
+    return p - (torch.clamp(start, min=lo) + end) / 2
 
 
 def xpos_max_log_scale(n_positions: int, head_dim: int, scale_base: float, anchor: int | None):
@@ -98,21 +102,23 @@ def check_xpos_range(n_positions: int, head_dim: int, scale_base: float, anchor:
         )
 
 
-def xpos_log_scale(positions, head_dim: int, scale_base: float, anchor: int | None):
+def xpos_log_scale(positions, head_dim: int, scale_base: float, anchor: int | None, total=None):
     """``log(zeta) * (p - a(p)) / gamma``, ``(N, D/2)`` float64, for consecutive integer
-    ``positions (N,)``; q is scaled by its exp, k by the exp of its negation. Raises if that
-    would overflow float32 (checked on the host, without reading ``positions``)."""
-    check_xpos_range(positions.numel(), head_dim, scale_base, anchor)
-    offsets = anchor_offsets(positions, anchor)
+    ``positions (N,)`` (of a sequence of ``total``, default N); q is scaled by its exp, k by the
+    exp of its negation. Raises if that would overflow float32 (checked on the host, without
+    reading ``positions``)."""
+    check_xpos_range(total or positions.numel(), head_dim, scale_base, anchor)
+    offsets = anchor_offsets(positions, anchor, total)
     return offsets[:, None] / scale_base * xpos_zeta(head_dim).log().to(positions.device)
 
 
-def apply_xpos(q, k, positions, scale_base: float = 512.0, anchor: int | None = None):
-    """XPOS on ``q, k (B, N, H, D)`` at consecutive integer ``positions (N,)``; exact relative
-    products for every (query, key) pair inside one anchor block (see the module docstring)."""
+def apply_xpos(q, k, positions, scale_base: float = 512.0, anchor: int | None = None, total=None):
+    """XPOS on ``q, k (B, N, H, D)`` at consecutive integer ``positions (N,)`` (a slice of a
+    sequence of ``total`` positions, default N); exact relative products for every (query, key)
+    pair inside one anchor block (see the module docstring)."""
     D = q.shape[-1]
     cos, sin = rotary_angles(positions, D)
-    log_scale = xpos_log_scale(positions, D, scale_base, anchor)
+    log_scale = xpos_log_scale(positions, D, scale_base, anchor, total)
     dtype = _work_dtype(q)
     up = log_scale.exp().to(dtype).repeat(1, 2)[None, :, None, :]  # (1, N, 1, D)
     down = (-log_scale).exp().to(dtype).repeat(1, 2)[None, :, None, :]

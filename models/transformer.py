@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, get_args
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -120,6 +121,24 @@ class ModelConfig:
 # layers
 
 
+@dataclass(frozen=True)
+class Slice:
+    """Where a forward's tokens sit: global ``positions (N,)`` in a sequence of ``total``,
+    and the process group holding the other slices (None: the tokens are the whole sequence)."""
+
+    positions: torch.Tensor
+    total: int
+    group: object = None
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, group=None) -> Slice:
+        n = tokens.shape[1]
+        if group is None or dist.get_world_size(group) == 1:
+            return cls(torch.arange(n, device=tokens.device), n)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        return cls(torch.arange(rank * n, (rank + 1) * n, device=tokens.device), world * n, group)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -132,21 +151,23 @@ class Attention(nn.Module):
         dilated = cfg.attention == "dilated"
         self.anchor = dilated_anchor(cfg.segment_lengths) if dilated else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_head, self.head_dim).unbind(2)  # (B,N,H,Dh)
         if self.cfg.position == "xpos":
-            q, k = apply_xpos(q, k, positions, self.cfg.xpos_scale_base, self.anchor)
+            q, k = apply_xpos(
+                q, k, where.positions, self.cfg.xpos_scale_base, self.anchor, where.total
+            )
         elif self.cfg.position == "rope":
-            q, k = apply_rope(q, k, positions, self.cfg.rope_base)
-        y = self.attend(q, k, v).reshape(B, N, C)
+            q, k = apply_rope(q, k, where.positions, self.cfg.rope_base)
+        y = self.attend(q, k, v, where.group).reshape(B, N, C)
         return self.out_proj(self.inner_norm(y))
 
-    def attend(self, q, k, v):
-        """(B, N, H, Dh) x3 -> (B, N, H, Dh), causal."""
+    def attend(self, q, k, v, group=None):
+        """(B, N, H, Dh) x3 -> (B, N, H, Dh), causal; with ``group``, N is this rank's slice."""
         cfg = self.cfg
         if cfg.attention == "dilated":
-            return dilated_attention(q, k, v, cfg.segment_lengths, cfg.dilation_rates)
+            return dilated_attention(q, k, v, cfg.segment_lengths, cfg.dilation_rates, group=group)
         if cfg.attention == "sparse":
             return sparse_attention(q, k, v, cfg.sparse_block, cfg.sparse_summary)
         if cfg.attention == "sliding":
@@ -179,8 +200,8 @@ class Block(nn.Module):
         self.norm2, self.ffn = nn.LayerNorm(cfg.d_model), FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), positions))
+    def forward(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), where))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -224,15 +245,24 @@ class TransformerLM(nn.Module):
                     for lin in (block.attn.out_proj, block.ffn.fc2):
                         lin.weight.mul_(1 / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, group=None) -> torch.Tensor:
+        """``tokens (B, N) -> logits (B, N, vocab)``. With ``group`` (a process group of P
+        ranks), ``tokens`` is this rank's slice of a sequence of P * N tokens split in rank
+        order (sequence parallelism, dilated attention only): positions are global and the
+        attention exchanges keys and values with the other ranks."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be (B, N) int64, got {tuple(tokens.shape)} {tokens.dtype}"
             )
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        where = Slice.of(tokens, group)
+        if where.group is not None and self.config.attention != "dilated":
+            raise ValueError(
+                "a sequence split across ranks needs attention='dilated', got "
+                f"{self.config.attention!r}"
+            )
         x = self.drop(self.embed(tokens))
         for block in self.blocks:
-            x = block(x, positions)
+            x = block(x, where)
         return self.lm_head(self.norm(x))
 
 

@@ -4,7 +4,7 @@ single-process result on the whole sequence: outputs 1e-5, gradients of q, k, v 
 import pytest
 
 from tests.support.distributed import spawn
-from tests.support.seqpar_cases import compare_cases, expect_errors
+from tests.support.seqpar_cases import compare_cases, compare_model, expect_errors
 
 # name: (B, N, H, D, segment_lengths, dilation_rates, causal)
 CASES_2 = {
@@ -42,3 +42,8 @@ ERRORS = {
 
 def test_bad_calls_raise_on_every_rank():
     spawn(expect_errors, 2, list(ERRORS.items()))
+
+
+@pytest.mark.parametrize("position", ["xpos", "rope"])
+def test_model_on_slices_equals_the_whole_sequence(position):
+    spawn(compare_model, 2, position)

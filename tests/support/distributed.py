@@ -29,5 +29,12 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 def spawn(fn, world: int, *args) -> None:
     """Runs ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo group (the
-    default group); raises if any of them raised. ``fn`` must be importable (module level)."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    default group); raises if any of them raised. ``fn`` must be importable (module level).
+    A port taken between choosing and binding it is retried with another."""
+    for attempt in range(3):
+        try:
+            mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+            return
+        except mp.ProcessRaisedException as err:
+            if "address already in use" not in str(err).lower() or attempt == 2:
+                raise

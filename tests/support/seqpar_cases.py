@@ -55,3 +55,28 @@ def expect_errors(rank, world, cases) -> None:
         else:
             raise AssertionError(f"{name}: rank {rank} did not raise")
     dist.barrier()  # every rank got here: nobody hung
+
+
+def compare_model(rank, world, position) -> None:
+    """A LongNet on a sequence split across ranks: logits equal the single-process slice, and
+    parameter gradients summed over ranks equal the single-process ones (XPOS/RoPE at global
+    positions, anchors shared across ranks)."""
+    from models.transformer import ModelConfig, TransformerLM
+
+    sizes = dict(vocab_size=50, d_model=32, n_layer=2, n_head=4, d_ff=64)
+    cfg = ModelConfig(**sizes, segment_lengths=[8, 32, 64], dilation_rates=[1, 2, 4],
+                      position=position)  # fmt: skip
+    torch.manual_seed(0)
+    model = TransformerLM(cfg)
+    tokens = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(1))
+    full = model(tokens)
+    full.square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    mine = model(slice_of(tokens, rank, world), group=dist.group.WORLD)
+    (mine.square().sum() / full.numel()).backward()
+    torch.testing.assert_close(mine, slice_of(full, rank, world), atol=FWD_TOL, rtol=0)
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, want[name], atol=GRAD_TOL, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{position} grad {n}: {m}")  # fmt: skip
