@@ -17,9 +17,12 @@ from data.windows import DocumentWindows, PackedWindows
 
 
 class LongContextDataModule(L.LightningDataModule):
-    def __init__(self, config: DataConfig | dict):
+    def __init__(self, config: DataConfig | dict, context_parallel: int = 1):
+        """``context_parallel``: consecutive ranks that read the same windows (each then
+        takes its slice of every window)."""
         super().__init__()
         self.config = config if isinstance(config, DataConfig) else DataConfig.from_dict(config)
+        self.context_parallel = context_parallel
         self.corpus: Corpus | None = None
         self.batches_consumed = 0  # training batches delivered to the model on this rank
 
@@ -48,10 +51,12 @@ class LongContextDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------
 
     def _rank(self) -> tuple[int, int]:
+        """(reader, readers): the ranks of a context-parallel group read as one."""
         trainer = self.trainer
         if trainer is None:
             return 0, 1
-        return trainer.global_rank, trainer.world_size
+        P = self.context_parallel
+        return trainer.global_rank // P, trainer.world_size // P
 
     def train_dataset(self, rank: int | None = None, world_size: int | None = None):
         self.setup()

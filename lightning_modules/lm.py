@@ -1,4 +1,5 @@
-"""CausalLM: any ModelConfig trained as a causal language model.
+"""CausalLM: any ModelConfig trained as a causal language model, optionally with each window
+split across ``context_parallel`` ranks (sequence parallelism, dilated attention).
 
 Loss is token-level cross-entropy in float32. Validation perplexity is
 ``exp(sum of NLL / number of tokens)`` with both sums kept in float64 and reduced across ranks:
@@ -17,6 +18,7 @@ from typing import Literal, get_args
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from models.transformer import ModelConfig, TransformerLM
@@ -79,25 +81,61 @@ class CausalLM(L.LightningModule):
         self.config = ModelConfig.from_dict(model)
         self.model = TransformerLM(self.config)
         self.optim = OptimConfig(**(optim or {}))
+        # sequence parallelism: P consecutive ranks split each window (paper 3.1)
+        self.context_parallel = int((run_config or {}).get("context_parallel", 1))
+        self.cp_group = None
         self._step_start: float | None = None
+
+    def setup(self, stage: str) -> None:
+        """With context_parallel = P > 1, every rank makes the process groups of P consecutive
+        ranks (in the same order) and keeps its own."""
+        P = self.context_parallel
+        if P == 1 or self.cp_group is not None:
+            return
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if world % P:
+            raise ValueError(
+                f"context_parallel={P} must divide the number of processes "
+                f"(trainer.devices x num_nodes = {world})"
+            )
+        groups = [dist.new_group(list(range(g * P, (g + 1) * P))) for g in range(world // P)]
+        self.cp_group = groups[rank // P]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a window ``(B, N)`` shared by its context-parallel group."""
+        if self.cp_group is None:
+            return x
+        n = x.shape[1] // self.context_parallel
+        j = dist.get_rank(self.cp_group)
+        return x[:, j * n : (j + 1) * n]
+
     def nll(self, batch: dict) -> torch.Tensor:
-        """Per-token negative log-likelihood ``(B, N)`` in float32."""
-        logits = self.model(batch["input_ids"])
-        flat = F.cross_entropy(
-            logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none"
-        )
-        return flat.view_as(batch["labels"])
+        """Per-token negative log-likelihood ``(B, N)`` in float32, of this rank's slice of the
+        window when the window is split across ranks."""
+        inputs, labels = self._local(batch["input_ids"]), self._local(batch["labels"])
+        logits = self.model(inputs, group=self.cp_group)
+        flat = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+        return flat.view_as(labels)
 
     # -- training ----------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.nll(batch).mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
+        nll = self.nll(batch)
+        if self.cp_group is None:
+            loss = window_loss = nll.mean()
+        else:
+            # the window's mean loss is the sum over its P slices; data parallelism averages
+            # gradients over all ranks, so each slice's term is scaled by P
+            tokens = batch["labels"].numel()
+            loss = nll.sum() * (self.context_parallel / tokens)
+            window_loss = nll.detach().sum()
+            dist.all_reduce(window_loss, group=self.cp_group)
+            window_loss = window_loss / tokens
+        self.log("train/loss", window_loss, prog_bar=True)
+        self.log("train/ppl", window_loss.detach().exp())
         return loss
 
     def _now(self) -> float:
@@ -112,7 +150,8 @@ class CausalLM(L.LightningModule):
         if self._step_start is None:
             return
         seconds = self._now() - self._step_start
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        windows_per_step = self.trainer.world_size // self.context_parallel
+        tokens = batch["input_ids"].numel() * windows_per_step
         self.log("train/tokens_per_s", tokens / seconds, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/peak_mem_gb", self._peak_memory_gb())

@@ -101,7 +101,7 @@ def progress_callbacks(cfg: RunConfig) -> list:
 def build(cfg: RunConfig):
     """Returns (trainer, module, datamodule, ckpt_path) for ``trainer.fit``."""
     ckpt_path = resolve_resume(cfg)
-    datamodule = LongContextDataModule(cfg.data)
+    datamodule = LongContextDataModule(cfg.data, context_parallel=cfg.context_parallel)
     datamodule.setup()  # trains the tokenizer / fills the cache once; checks the corpus
     mc = model_config(cfg, datamodule.vocab_size)
     plain = dataclasses.asdict(cfg)

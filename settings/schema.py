@@ -63,11 +63,26 @@ class RunConfig:
     seed: int = 1234  # seeds torch, numpy and python (workers too)
     resume: str | None = None  # null: start fresh; auto: run_dir's last checkpoint if any; a path
     validate_first: bool = True  # a fresh run measures validation loss before its first step
+    context_parallel: int = 1  # ranks that split each window (paper 3.1; dilated attention)
     model: ModelConfig = field(default_factory=ModelConfig)  # models.transformer.ModelConfig
     data: DataConfig = field(default_factory=DataConfig)  # data.config.DataConfig
     optim: OptimConfig = field(default_factory=OptimConfig)  # lightning_modules.lm.OptimConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # when to save
     trainer: dict[str, Any] = field(default_factory=_trainer_defaults)  # lightning.Trainer's own
+
+    def __post_init__(self):
+        P = self.context_parallel
+        if P < 1:
+            raise ValueError(f"context_parallel must be >= 1, got {P}")
+        if P > 1 and self.model.attention != "dilated":
+            raise ValueError(
+                f"context_parallel={P} splits windows across ranks for dilated attention only, "
+                f"got model.attention={self.model.attention!r}"
+            )
+        if self.data.seq_len % P:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} must be a multiple of context_parallel={P}"
+            )
 
 
 # eval.py's data section: the corpus settings of DataConfig, each null to keep the checkpoint's
