@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick gpu-check table2 ablate throughput clean
+.PHONY: demo test test-slow lint format bench bench-quick gpu-check seqpar table2 ablate throughput clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ ablate: $(STAMP)
 
 throughput: $(STAMP)
 	$(PY) -m experiments.throughput
+
+# sequence-parallel dilated attention on 1, 2, 4 gloo processes (~25 min on 2 cores)
+seqpar: $(STAMP)
+	$(PY) -m experiments.sequence_parallel
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

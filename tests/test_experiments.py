@@ -1,6 +1,7 @@
 """Each experiment script runs end to end on a micro setting and writes its outputs."""
 
 import csv
+import json
 
 from experiments import attention_scaling, model_cost
 
@@ -48,3 +49,18 @@ def test_model_cost_micro(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["longnet_tiny", "sliding_window_tiny"]
     assert rows[0]["params"] == rows[1]["params"]
     assert "| longnet_tiny | dilated |" in capsys.readouterr().out
+
+
+def test_sequence_parallel_micro(tmp_path, capsys):
+    """Two worlds, one size: the bytes counted at the collectives are the formula's."""
+    from experiments import sequence_parallel as sp
+
+    sp.main(["--worlds", "1", "2", "--sizes", "4096", "--repeats", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "seqpar.json").read_text())
+    assert [(r["P"], r["n"]) for r in rows] == [(1, 4096), (2, 4096)]
+    assert rows[0]["fwd_received"] == 0
+    assert rows[1]["fwd_received"] == sp.formula_received(4096, 2) * 4  # fp32 bytes
+    assert rows[1]["fwdbwd_sent"] + rows[1]["fwdbwd_received"] > rows[1]["fwd_received"]
+    out = capsys.readouterr().out
+    assert "| 2 | 4K |" in out and "projection, 1B tokens" in out
+    assert (tmp_path / "seqpar.png").exists()

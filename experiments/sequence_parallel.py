@@ -1,0 +1,246 @@
+"""Sequence-parallel dilated attention across processes (the paper's Figure 5, on this machine).
+
+    python -m experiments.sequence_parallel                 # P = 1, 2, 4 at 32K-256K (make seqpar)
+    python -m experiments.sequence_parallel --worlds 4 --sizes 1048576 --repeats 1
+
+For each P (processes on gloo, this machine's cores split evenly among them) and N: the
+paper's schedule (w = 2048..32768, r = 1, 2, 4, 6, 12), B = 1, H = 12, D = 64, fp32, causal;
+each rank holds N / P tokens. Measured: forward (no grad) and forward+backward time (median
+of --repeats, ranks synchronised), each rank's peak memory growth during the call (sampled
+resident set, as attention_scaling.py does), and the bytes each rank sent and received in the
+call's exchanges (counted at the collectives), against the formula ``2 * B * H * D * (w' - l)
+/ r`` elements received per pair by the last rank of a segment (forward; the backward sends as
+much back). Beside it: what dense ring attention would move for the same N and P (every rank
+receives the keys and values of every other rank). Writes runs/seqpar/seqpar.{csv,json,png}
+and prints a markdown table and the projection to the paper's setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from experiments.attention_scaling import PAPER_R, PAPER_W, PeakMemory, fixed_mmap_threshold
+from models.attention import distributed
+from models.attention.dilated import dilated_attention
+from pipeline import report
+
+K = 1024
+HEADS, HEAD_DIM, BYTES = 12, 64, 4  # fp32
+
+
+def formula_received(n: int, world: int, heads=HEADS, head_dim=HEAD_DIM, batch=1) -> int:
+    """Elements the last rank of a segment receives per forward: every spanning pair's kept
+    keys and values of the segment's other ranks, 2 * B * H * D * (w' - l) / r, with l / r
+    rounded up (each rank sends ceil(l / r) rows per head)."""
+    length = n // world
+    total = 0
+    for w, r in zip(PAPER_W, PAPER_R, strict=True):
+        seg = min(w, n)
+        if seg > length:
+            sources = min(seg, n) // length - 1
+            total += 2 * batch * heads * head_dim * sources * -(-length // r)
+    return total
+
+
+def ring_received(n: int, world: int, heads=HEADS, head_dim=HEAD_DIM, batch=1) -> int:
+    """Dense ring attention: each rank receives the keys and values of the P - 1 others."""
+    return 2 * batch * heads * head_dim * (n // world) * (world - 1)
+
+
+def _timed(fn, repeats: int) -> tuple[float, int, dict]:
+    """Median seconds over ranks' max, this rank's peak growth, and its exchange bytes per call."""
+    fn()  # warm-up
+    times, peak = [], 0
+    before = dict(distributed.EXCHANGE_BYTES)
+    for _ in range(repeats):
+        dist.barrier()
+        with PeakMemory(torch.device("cpu")) as mem:
+            start = time.perf_counter()
+            fn()
+            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(float(elapsed))
+        peak = max(peak, mem.peak)
+    moved = {
+        k: (distributed.EXCHANGE_BYTES[k] - before[k]) // repeats for k in ("sent", "received")
+    }
+    return statistics.median(times), peak, moved
+
+
+def measure(n: int, rank: int, world: int, repeats: int, max_backward: int) -> dict:
+    """One size on this rank: its slice (1, N / P, H, D) of random q, k, v (one repeat above
+    64K tokens: those calls take minutes on 2 cores)."""
+    repeats = repeats if n <= 64 * K else 1
+    group = dist.group.WORLD
+    shape = (1, n // world, HEADS, HEAD_DIM)
+    gen = torch.Generator().manual_seed(rank)
+    qkv = [torch.randn(shape, generator=gen) for _ in range(3)]
+
+    def fwd():
+        with torch.no_grad():
+            dilated_attention(*qkv, PAPER_W, PAPER_R, group=group)
+
+    row = {"P": world, "n": n}
+    row["fwd_s"], row["fwd_peak"], moved = _timed(fwd, repeats)
+    row["fwd_sent"], row["fwd_received"] = moved["sent"], moved["received"]
+    if n > max_backward:
+        return row
+    leaves = [x.clone().requires_grad_() for x in qkv]
+    grad = torch.randn(shape, generator=gen)
+
+    def fwd_bwd():
+        dilated_attention(*leaves, PAPER_W, PAPER_R, group=group).backward(grad)
+
+    row["fwdbwd_s"], row["fwdbwd_peak"], moved = _timed(fwd_bwd, repeats)
+    row["fwdbwd_sent"], row["fwdbwd_received"] = moved["sent"], moved["received"]
+    return row
+
+
+def _worker(rank: int, world: int, port: int, sizes, repeats, max_backward, threads, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = []
+    for n in sizes:
+        row = measure(n, rank, world, repeats, max_backward)
+        every = [None] * world
+        dist.all_gather_object(every, row)
+        if rank == 0:
+            rows.append(_combine(every))
+            print(f"  P={world} N={n // K}K: {_brief(rows[-1])}", flush=True)
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def _combine(per_rank: list[dict]) -> dict:
+    """One row: times are the same on every rank; memory and bytes as max over ranks."""
+    row = dict(per_rank[0])
+    for key in row:
+        if key.endswith(("_peak", "_sent", "_received")):
+            row[key] = max(r[key] for r in per_rank)
+    return row
+
+
+def _brief(row: dict) -> str:
+    parts = [f"fwd {row['fwd_s']:.2f} s"]
+    if "fwdbwd_s" in row:
+        parts.append(f"fwd+bwd {row['fwdbwd_s']:.2f} s")
+    parts.append(f"recv/rank {row['fwd_received'] / 2**20:.1f} MiB")
+    return ", ".join(parts)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_world(world: int, args) -> list[dict]:
+    """All sizes with ``world`` processes; returns rank 0's combined rows."""
+    out = args.out / f"rows_P{world}.json"
+    threads = max(1, args.cores // world)
+    settings = (args.sizes, args.repeats, args.max_backward, threads, str(out))
+    mp.spawn(_worker, nprocs=world, join=True, args=(world, _free_port(), *settings))
+    return json.loads(out.read_text())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--sizes", type=int, nargs="+", default=[32 * K, 64 * K, 128 * K, 256 * K])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-backward", type=int, default=256 * K, help="fwd only above this N")
+    p.add_argument("--cores", type=int, default=os.cpu_count(), help="split among processes")
+    p.add_argument("--out", type=Path, default=Path("runs/seqpar"))
+    args = p.parse_args(argv)
+    for world in args.worlds:
+        bad = [n for n in args.sizes if n % world]
+        if world < 1 or bad:
+            p.error(f"every size must be a multiple of every world size: {bad} and P={world}")
+    return args
+
+
+def mib(x) -> str:
+    return "-" if x is None else f"{x / 2**20:.0f}"
+
+
+def table(rows: list[dict]) -> str:
+    header = ["P", "N", "fwd s", "fwd+bwd s", "peak MiB/rank fwd", "peak MiB/rank fwd+bwd",
+              "recv MiB/rank fwd (formula)", "sent+recv MiB/rank fwd+bwd",
+              "dense ring recv MiB"]  # fmt: skip
+    cells = []
+    for r in rows:
+        formula = formula_received(r["n"], r["P"]) * BYTES
+        both = None if "fwdbwd_s" not in r else r["fwdbwd_sent"] + r["fwdbwd_received"]
+        cells.append([
+            str(r["P"]), f"{r['n'] // K}K", f"{r['fwd_s']:.2f}",
+            "-" if "fwdbwd_s" not in r else f"{r['fwdbwd_s']:.2f}",
+            mib(r["fwd_peak"]), mib(r.get("fwdbwd_peak")),
+            f"{mib(r['fwd_received'])} ({mib(formula)})", mib(both),
+            mib(ring_received(r["n"], r["P"]) * BYTES),
+        ])  # fmt: skip
+    return report.markdown_table(header, cells)
+
+
+def projection() -> str:
+    """Per-GPU bytes per layer (bf16, forward) for 1B tokens, B = 1, 12 heads, D = 64."""
+    n = 2**30
+    lines = [
+        "| GPUs | tokens per GPU | paper schedule (w <= 32K) | w up to N (w = 2048 * 4^i, "
+        "r = 4^i) | dense ring attention |",
+        "|---|---|---|---|---|",
+    ]
+    for world in (128, 256, 512, 1024):
+        length = n // world
+        extended = [(2048 * 4**i, 4**i) for i in range(12) if 2048 * 4**i <= n]
+        grown = sum(2 * 12 * 64 * (min(w, n) - length) // r for w, r in extended if w > length)
+        paper = formula_received(n, world)
+        lines.append(f"| {world} | {length // K}K | {paper * 2 / 2**20:.0f} MiB | "
+                     f"{grown * 2 / 2**20:.1f} MiB | "
+                     f"{ring_received(n, world) * 2 / 2**30:.0f} GiB |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    curves = {}
+    for key, label in (("fwdbwd_s", "fwd+bwd s"), ("fwd_s", "fwd s")):
+        for world in sorted({r["P"] for r in rows}):
+            curves[f"P={world} {label}"] = {r["n"]: r.get(key) for r in rows if r["P"] == world}
+    report.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)",
+                     "Sequence-parallel dilated attention, paper schedule, H=12 D=64, CPU gloo",
+                     logy=True)  # fmt: skip
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"P={args.worlds} sizes={args.sizes} cores={args.cores} B=1 H={HEADS} D={HEAD_DIM} "
+          f"w={PAPER_W} r={PAPER_R} causal fp32", flush=True)  # fmt: skip
+    rows = [row for world in args.worlds for row in run_world(world, args)]
+    (args.out / "seqpar.json").write_text(json.dumps(rows, indent=1))
+    with open(args.out / "seqpar.csv", "w") as f:
+        keys = sorted({k for r in rows for k in r})
+        f.write(",".join(keys) + "\n")
+        f.writelines(",".join(str(r.get(k, "")) for k in keys) + "\n" for r in rows)
+    plot(rows, args.out / "seqpar.png")
+    print(table(rows))
+    print("\nprojection, 1B tokens (formula, bf16, per GPU and layer, forward):")
+    print(projection())
+    print(f"wrote {args.out}/seqpar.{{csv,json,png}}")
+
+
+if __name__ == "__main__":
+    fixed_mmap_threshold()
+    main()
