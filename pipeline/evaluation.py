@@ -7,16 +7,18 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pipeline import scoring as sc
 from pipeline.progress import Progress
 from pipeline.report import line_plot, markdown_table
-from settings.loading import load_eval_config, split_argv
+from settings.loading import ConfigError, load_eval_config, split_argv
 from settings.schema import EvalConfig
 
 log = logging.getLogger("eval")
@@ -36,8 +38,16 @@ def evaluate(argv: list[str] | EvalConfig) -> list[sc.Result]:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
+    group, device = context_group(cfg.context_parallel, device)
     overrides = {k: getattr(cfg.data, k) for k in cfg.data.__dataclass_fields__}
     models = [sc.load_checked(p, overrides, cfg.dense_blockwise, device) for p in cfg.checkpoints]
+    for model in models:
+        if group is not None and model.net.config.attention != "dilated":
+            raise ConfigError(
+                f"context_parallel={cfg.context_parallel} splits windows for dilated attention "
+                f"only; {model.name} has attention={model.net.config.attention!r}"
+            )
+        model.group = group
     names = [split_for(m, cfg.split) for m in models]
     splits = [sc.corpus_split(m, s) for m, s in zip(models, names, strict=True)]
     docs = [sc.check_lengths(s, lengths, n) for s, n in zip(splits, names, strict=True)]
@@ -45,20 +55,48 @@ def evaluate(argv: list[str] | EvalConfig) -> list[sc.Result]:
         docs = [dd[: cfg.max_documents] for dd in docs]
     prompts = [p for p in lengths if p >= cfg.suffix]
     results = []
+    first = group is None or dist.get_rank(group) == 0  # the one that reports and writes
     for model, split, dd, name in zip(models, splits, docs, names, strict=True):
         scored = [split.names[d] for d in dd]
-        log.info("%s: scoring %d documents of the %s split: %s", model.name, len(dd), name,
-                 ", ".join(scored[:5]) + (", ..." if len(scored) > 5 else ""))  # fmt: skip
-        results.append(score_model(model, split, dd, scored, lengths, prompts, cfg, device))
-    write_outputs(results, lengths, cfg, names, Path(cfg.out_dir))
+        if first:
+            log.info("%s: scoring %d documents of the %s split: %s", model.name, len(dd), name,
+                     ", ".join(scored[:5]) + (", ..." if len(scored) > 5 else ""))  # fmt: skip
+        results.append(
+            score_model(model, split, dd, scored, lengths, prompts, cfg, device, quiet=not first)
+        )
+    if first:
+        write_outputs(results, lengths, cfg, names, Path(cfg.out_dir))
     return results
 
 
-def score_model(model, split, docs, scored, lengths, prompts, cfg, device) -> sc.Result:
+def context_group(processes: int, device: torch.device):
+    """(group, device): with context_parallel = P > 1, the P processes of this launch
+    (torchrun sets them up; each window is split across all of them), each on its own GPU."""
+    if processes == 1:
+        return None, device
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise ConfigError(
+                f"context_parallel={processes} needs {processes} processes: launch "
+                f"torchrun --standalone --nproc-per-node {processes} eval.py ..."
+            )
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_world_size() != processes:
+        raise ConfigError(
+            f"context_parallel={processes} but {dist.get_world_size()} processes were launched"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return dist.group.WORLD, device
+
+
+def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet=False):
+    """A model's Result: perplexity at every length, prompting curve, position profile."""
     res = sc.Result(model.label, documents=scored)
     cap = cfg.max_tokens_per_document
     total = sum(len(sc.windows_at(split, docs, n, cap)) * n for n in lengths)
-    with Progress(total + len(docs) * len(prompts), desc=model.name) as bar:
+    with Progress(total + len(docs) * len(prompts), desc=model.name, quiet=quiet) as bar:
         for n in lengths:
             try:
                 ppl, tokens, windows, mean = sc.perplexity(

@@ -54,11 +54,17 @@ class LineProgressBar(ProgressBar):
 class Progress:
     """tqdm on a terminal; elsewhere a logged line every ``seconds`` (and at the end)."""
 
-    def __init__(self, total: int, desc: str, unit: str = "tok", seconds: float = 30.0):
+    def __init__(self, total: int, desc: str, unit: str = "tok", seconds: float = 30.0,
+                 quiet: bool = False):  # fmt: skip
         self.total, self.desc, self.unit, self.seconds = total, desc, unit, seconds
-        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+        self.done, self.start, self.last, self.quiet = (
+            0,
+            time.perf_counter(),
+            time.perf_counter(),
+            quiet,
+        )
         self.bar = None
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and not quiet:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit=unit)
@@ -69,6 +75,8 @@ class Progress:
             self.bar.update(n)
             return
         now = time.perf_counter()
+        if self.quiet:
+            return
         if now - self.last >= self.seconds or self.done >= self.total:
             self.last = now
             pct = 100 * self.done / max(1, self.total)

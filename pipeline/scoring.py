@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.config import DataConfig
@@ -53,6 +54,7 @@ class Model:
     data: DataConfig  # the corpus to evaluate on, tokenized with this model's tokenizer
     label: str = ""
     own_corpus: bool = True  # data names the corpus the model was trained on
+    group: object = None  # the ranks that split each window (context_parallel), or None
 
 
 @dataclass
@@ -140,11 +142,24 @@ def check_lengths(split: Split, lengths: list[int], split_name: str) -> list[int
 
 
 @torch.no_grad()
-def nll(net: TransformerLM, windows: torch.Tensor) -> torch.Tensor:
-    """(W, L+1) token windows -> (W, L) per-target NLL, float64."""
-    logits = net(windows[:, :-1])
-    out = F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="none")
-    return out.view(windows.shape[0], -1).double()
+def nll(net: TransformerLM, windows: torch.Tensor, group=None) -> torch.Tensor:
+    """(W, L+1) token windows -> (W, L) per-target NLL, float64. With ``group`` (P ranks, the
+    same windows on each), each rank runs its slice of every window and the slices' NLL are
+    gathered, so every rank returns the whole (W, L)."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    world = 1 if group is None else dist.get_world_size(group)
+    if world > 1:
+        n = inputs.shape[1] // world
+        j = dist.get_rank(group)
+        inputs, targets = inputs[:, j * n : (j + 1) * n], targets[:, j * n : (j + 1) * n]
+    logits = net(inputs, group=group) if world > 1 else net(inputs)
+    out = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    out = out.view(windows.shape[0], -1).double()
+    if world > 1:
+        parts = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(parts, out.contiguous(), group=group)
+        out = torch.cat(parts, dim=1)
+    return out
 
 
 def windows_at(split: Split, docs: list[int], length: int, cap: int | None = None) -> np.ndarray:
@@ -172,7 +187,8 @@ def perplexity(
     total, count = 0.0, 0
     sums = torch.zeros(length, dtype=torch.float64)
     for i in range(0, len(starts), per_batch):
-        values = nll(model.net, gather(split, starts[i : i + per_batch], length, device)).cpu()
+        windows = gather(split, starts[i : i + per_batch], length, device)
+        values = nll(model.net, windows, model.group).cpu()
         total += values.sum().item()
         count += values.numel()
         sums += values.sum(0)
@@ -189,7 +205,7 @@ def prompting(model: Model, split: Split, docs, prompts: list[int], suffix: int,
         try:
             values = torch.cat(
                 [
-                    nll(model.net, gather(split, [s], p, device))[:, -suffix:].cpu()
+                    nll(model.net, gather(split, [s], p, device), model.group)[:, -suffix:].cpu()
                     for s in prompt_starts(split, docs, p, max(prompts))
                 ]
             )

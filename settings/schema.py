@@ -118,6 +118,7 @@ class EvalConfig:
     batch_tokens: int = 16384  # tokens per forward pass (windows are batched up to this)
     dense_blockwise: bool = False  # dense models beyond their training length: blockwise
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    context_parallel: int = 1  # processes splitting each window: run with torchrun, P of them
     data: EvalData = field(default_factory=EvalData)  # another corpus to score (null: own)
 
     def __post_init__(self):
@@ -138,3 +139,8 @@ class EvalConfig:
             raise ValueError(f"max_documents must be at least 1 or null, got {self.max_documents}")
         if self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
+        P = self.context_parallel
+        if P < 1 or any(n % P for n in lengths):
+            raise ValueError(
+                f"context_parallel={P} must be >= 1 and divide every context length {lengths}"
+            )

@@ -2,6 +2,7 @@
 another corpus scored whole, and bad input."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -176,11 +177,11 @@ def test_a_bug_is_not_reported_as_not_reached(ckpt, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = ev.nll
 
-    def flaky(net, windows):
+    def flaky(net, windows, group=None):
         calls["n"] += 1
         if windows.shape[1] == 33:  # length 32 cannot run here
             raise XposRangeError("XPOS scales reach exp(99) for 32 positions")
-        return real(net, windows)
+        return real(net, windows, group)
 
     monkeypatch.setattr(ev, "nll", flaky)
     res = run([*base, f"out_dir={tmp_path / 'a'}"])[0]
@@ -188,7 +189,7 @@ def test_a_bug_is_not_reported_as_not_reached(ckpt, tmp_path, monkeypatch):
     assert res.lengths[32].reason.startswith("not reached: XPOS scales reach")
     assert "not reached: XPOS" in (tmp_path / "a" / "ppl_vs_context.csv").read_text()
 
-    def broken(net, windows):
+    def broken(net, windows, group=None):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
     monkeypatch.setattr(ev, "nll", broken)
@@ -202,3 +203,30 @@ def test_progress_in_a_log_is_lines(ckpt, tmp_path, capsys):
          f"out_dir={tmp_path / 'o'}"])  # fmt: skip
     err = capsys.readouterr().err
     assert "100% (" in err and "\r" not in err
+
+
+def test_windows_split_across_processes_score_the_same(ckpt, tmp_path):
+    """eval.py under torchrun with context_parallel=2: each window split across the two
+    processes gives the single-process perplexities and prompting curve."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [f"checkpoints=[{ckpt}]", "context_lengths=[16,64]", "split=val", "suffix=8"]
+    one = run([*args, f"out_dir={tmp_path / 'one'}"])[0]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "eval.py", *args, f"out_dir={tmp_path / 'two'}", "context_parallel=2"]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "two" / "ppl_vs_context.json").read_text())["rows"]
+    for row in rows:
+        want = one.lengths[row["context_length"]]
+        assert row["ppl"] == pytest.approx(want.ppl, rel=1e-5) and row["tokens"] == want.tokens
+    prompting = (tmp_path / "two" / "prompting.csv").read_text().splitlines()[1:]
+    for line, (p, v) in zip(prompting, one.prompting.items(), strict=True):
+        assert int(line.split(",")[-3]) == p and float(line.split(",")[-1]) == pytest.approx(
+            v, abs=1e-6
+        )
