@@ -37,13 +37,25 @@ K = 1024
 HEADS, HEAD_DIM, BYTES = 12, 64, 4  # fp32
 
 
-def formula_received(n: int, world: int, heads=HEADS, head_dim=HEAD_DIM, batch=1) -> int:
+def schedule_of(name: str, n: int) -> tuple[list[int], list[int]]:
+    """``paper``: w = 2048..32768, r = 1, 2, 4, 6, 12. ``extended``: w = 2048 * 4^i up to N,
+    r = 4^i (each pair the same cost; the largest segment is the sequence, as in the paper's
+    scaling to 1B tokens)."""
+    if name == "paper":
+        return PAPER_W, PAPER_R
+    pairs = [(2048 * 4**i, 4**i) for i in range(16) if 2048 * 4**i < n]
+    pairs.append((n, pairs[-1][1] * 4 if pairs else 1))
+    return [w for w, _ in pairs], [r for _, r in pairs]
+
+
+def formula_received(n: int, world: int, heads=HEADS, head_dim=HEAD_DIM, batch=1,
+                     schedule: str = "paper") -> int:  # fmt: skip
     """Elements the last rank of a segment receives per forward: every spanning pair's kept
     keys and values of the segment's other ranks, 2 * B * H * D * (w' - l) / r, with l / r
     rounded up (each rank sends ceil(l / r) rows per head)."""
     length = n // world
     total = 0
-    for w, r in zip(PAPER_W, PAPER_R, strict=True):
+    for w, r in zip(*schedule_of(schedule, n), strict=True):
         seg = min(w, n)
         if seg > length:
             sources = min(seg, n) // length - 1
@@ -56,9 +68,10 @@ def ring_received(n: int, world: int, heads=HEADS, head_dim=HEAD_DIM, batch=1) -
     return 2 * batch * heads * head_dim * (n // world) * (world - 1)
 
 
-def _timed(fn, repeats: int) -> tuple[float, int, dict]:
+def _timed(fn, repeats: int, warm_up: bool = True) -> tuple[float, int, dict]:
     """Median seconds over ranks' max, this rank's peak growth, and its exchange bytes per call."""
-    fn()  # warm-up
+    if warm_up:
+        fn()
     times, peak = [], 0
     before = dict(distributed.EXCHANGE_BYTES)
     for _ in range(repeats):
@@ -76,10 +89,11 @@ def _timed(fn, repeats: int) -> tuple[float, int, dict]:
     return statistics.median(times), peak, moved
 
 
-def measure(n: int, rank: int, world: int, repeats: int, max_backward: int) -> dict:
-    """One size on this rank: its slice (1, N / P, H, D) of random q, k, v (one repeat above
-    64K tokens: those calls take minutes on 2 cores)."""
-    repeats = repeats if n <= 64 * K else 1
+def measure(n: int, rank: int, world: int, repeats: int, max_backward: int, schedule="paper"):
+    """One size on this rank: its slice (1, N / P, H, D) of random q, k, v (above 64K tokens
+    one run and no warm-up: those calls take minutes on 2 cores)."""
+    repeats, warm = (repeats, True) if n <= 64 * K else (1, False)
+    w, r = schedule_of(schedule, n)
     group = dist.group.WORLD
     shape = (1, n // world, HEADS, HEAD_DIM)
     gen = torch.Generator().manual_seed(rank)
@@ -87,10 +101,10 @@ def measure(n: int, rank: int, world: int, repeats: int, max_backward: int) -> d
 
     def fwd():
         with torch.no_grad():
-            dilated_attention(*qkv, PAPER_W, PAPER_R, group=group)
+            dilated_attention(*qkv, w, r, group=group)
 
-    row = {"P": world, "n": n}
-    row["fwd_s"], row["fwd_peak"], moved = _timed(fwd, repeats)
+    row = {"P": world, "n": n, "status": "ok"}
+    row["fwd_s"], row["fwd_peak"], moved = _timed(fwd, repeats, warm)
     row["fwd_sent"], row["fwd_received"] = moved["sent"], moved["received"]
     if n > max_backward:
         return row
@@ -98,20 +112,21 @@ def measure(n: int, rank: int, world: int, repeats: int, max_backward: int) -> d
     grad = torch.randn(shape, generator=gen)
 
     def fwd_bwd():
-        dilated_attention(*leaves, PAPER_W, PAPER_R, group=group).backward(grad)
+        dilated_attention(*leaves, w, r, group=group).backward(grad)
 
-    row["fwdbwd_s"], row["fwdbwd_peak"], moved = _timed(fwd_bwd, repeats)
+    row["fwdbwd_s"], row["fwdbwd_peak"], moved = _timed(fwd_bwd, repeats, warm)
     row["fwdbwd_sent"], row["fwdbwd_received"] = moved["sent"], moved["received"]
     return row
 
 
-def _worker(rank: int, world: int, port: int, sizes, repeats, max_backward, threads, out):
+def _worker(rank: int, world: int, port: int, sizes, repeats, max_backward, threads, out,
+            schedule="paper"):  # fmt: skip
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = []
     for n in sizes:
-        row = measure(n, rank, world, repeats, max_backward)
+        row = measure(n, rank, world, repeats, max_backward, schedule)
         every = [None] * world
         dist.all_gather_object(every, row)
         if rank == 0:
@@ -148,12 +163,21 @@ def _free_port() -> int:
 
 
 def run_world(world: int, args) -> list[dict]:
-    """All sizes with ``world`` processes; returns rank 0's combined rows."""
-    out = args.out / f"rows_P{world}.json"
+    """Every size with ``world`` processes (one launch per size, so that a size the machine
+    cannot hold, whose processes the kernel kills, is reported and ends that world's sizes)."""
     threads = max(1, args.cores // world)
-    settings = (args.sizes, args.repeats, args.max_backward, threads, str(out))
-    mp.spawn(_worker, nprocs=world, join=True, args=(world, _free_port(), *settings))
-    return json.loads(out.read_text())
+    rows = []
+    for n in args.sizes:
+        out = args.out / f"rows_P{world}_N{n}.json"
+        settings = ([n], args.repeats, args.max_backward, threads, str(out), args.schedule)
+        try:
+            mp.spawn(_worker, nprocs=world, join=True, args=(world, _free_port(), *settings))
+        except mp.ProcessExitedException as err:  # SIGKILL: out of memory
+            print(f"  P={world} N={n // K}K: not reached ({err})", flush=True)
+            rows.append({"P": world, "n": n, "status": f"not reached: {err}"})
+            break
+        rows += json.loads(out.read_text())
+    return rows
 
 
 def parse_args(argv=None):
@@ -163,6 +187,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-backward", type=int, default=256 * K, help="fwd only above this N")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="split among processes")
+    p.add_argument("--schedule", choices=["paper", "extended"], default="paper")
     p.add_argument("--out", type=Path, default=Path("runs/seqpar"))
     args = p.parse_args(argv)
     for world in args.worlds:
@@ -176,13 +201,16 @@ def mib(x) -> str:
     return "-" if x is None else f"{x / 2**20:.0f}"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], schedule: str = "paper") -> str:
     header = ["P", "N", "fwd s", "fwd+bwd s", "peak MiB/rank fwd", "peak MiB/rank fwd+bwd",
               "recv MiB/rank fwd (formula)", "sent+recv MiB/rank fwd+bwd",
               "dense ring recv MiB"]  # fmt: skip
     cells = []
     for r in rows:
-        formula = formula_received(r["n"], r["P"]) * BYTES
+        if r["status"] != "ok":
+            cells.append([str(r["P"]), f"{r['n'] // K}K", r["status"][:40]] + ["-"] * 6)
+            continue
+        formula = formula_received(r["n"], r["P"], schedule=schedule) * BYTES
         both = None if "fwdbwd_s" not in r else r["fwdbwd_sent"] + r["fwdbwd_received"]
         cells.append([
             str(r["P"]), f"{r['n'] // K}K", f"{r['fwd_s']:.2f}",
@@ -213,29 +241,33 @@ def projection() -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, schedule: str = "paper") -> None:
     curves = {}
+    rows = [r for r in rows if r["status"] == "ok"]
     for key, label in (("fwdbwd_s", "fwd+bwd s"), ("fwd_s", "fwd s")):
         for world in sorted({r["P"] for r in rows}):
             curves[f"P={world} {label}"] = {r["n"]: r.get(key) for r in rows if r["P"] == world}
     report.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)",
-                     "Sequence-parallel dilated attention, paper schedule, H=12 D=64, CPU gloo",
+                     f"Sequence-parallel dilated attention, {schedule} schedule, H=12 D=64, "
+                     "CPU gloo",
                      logy=True)  # fmt: skip
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    w, r = schedule_of(args.schedule, max(args.sizes))
     print(f"P={args.worlds} sizes={args.sizes} cores={args.cores} B=1 H={HEADS} D={HEAD_DIM} "
-          f"w={PAPER_W} r={PAPER_R} causal fp32", flush=True)  # fmt: skip
+          f"{args.schedule} schedule (at the longest N: w={w} r={r}) causal fp32",
+          flush=True)  # fmt: skip
     rows = [row for world in args.worlds for row in run_world(world, args)]
     (args.out / "seqpar.json").write_text(json.dumps(rows, indent=1))
     with open(args.out / "seqpar.csv", "w") as f:
         keys = sorted({k for r in rows for k in r})
         f.write(",".join(keys) + "\n")
         f.writelines(",".join(str(r.get(k, "")) for k in keys) + "\n" for r in rows)
-    plot(rows, args.out / "seqpar.png")
-    print(table(rows))
+    plot(rows, args.out / "seqpar.png", args.schedule)
+    print(table(rows, args.schedule))
     print("\nprojection, 1B tokens (formula, bf16, per GPU and layer, forward):")
     print(projection())
     print(f"wrote {args.out}/seqpar.{{csv,json,png}}")
