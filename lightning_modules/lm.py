@@ -19,8 +19,8 @@ from typing import Literal, get_args
 import lightning as L
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from models.loss import chunked_nll
 from models.transformer import ModelConfig, TransformerLM
 
 Schedule = Literal["polynomial", "cosine", "constant"]
@@ -83,6 +83,7 @@ class CausalLM(L.LightningModule):
         self.optim = OptimConfig(**(optim or {}))
         # sequence parallelism: P consecutive ranks split each window (paper 3.1)
         self.context_parallel = int((run_config or {}).get("context_parallel", 1))
+        self.loss_chunk = int((run_config or {}).get("loss_chunk", 8192))
         self.cp_group = None
         self._step_start: float | None = None
 
@@ -116,9 +117,11 @@ class CausalLM(L.LightningModule):
         """Per-token negative log-likelihood ``(B, N)`` in float32, of this rank's slice of the
         window when the window is split across ranks."""
         inputs, labels = self._local(batch["input_ids"]), self._local(batch["labels"])
-        logits = self.model(inputs, group=self.cp_group)
-        flat = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-        return flat.view_as(labels)
+        hidden = self.model.hidden(inputs, group=self.cp_group)  # (B, N, C): no N x V logits
+        weight = self.model.lm_head.weight
+        return chunked_nll(hidden.flatten(0, 1), weight, labels.flatten(), self.loss_chunk).view_as(
+            labels
+        )
 
     # -- training ----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.attention.backends import flash_unsupported
 from models.attention.dilated import check_coverage, dilated_attention, validate_schedule
@@ -36,7 +37,9 @@ from models.positional import apply_rope, apply_xpos, dilated_anchor
 AttentionKind = Literal["dense", "dilated", "sparse", "sliding"]
 PositionKind = Literal["xpos", "rope", "none"]
 NormKind = Literal["subln", "pre"]
+CheckpointingKind = Literal["none", "layer"]
 ATTENTIONS, POSITIONS, NORMS = (get_args(t) for t in (AttentionKind, PositionKind, NormKind))
+CHECKPOINTING = get_args(CheckpointingKind)
 
 
 def _list(*values):
@@ -67,6 +70,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE (and XPOS rotation) frequency base
     norm: NormKind = "subln"  # subln: MAGNETO; pre: pre-LN
     tie_embeddings: bool = True  # output layer shares the input embedding
+    checkpointing: CheckpointingKind = "none"  # layer: blocks recomputed in the backward
 
     def __post_init__(self):
         self.segment_lengths = list(self.segment_lengths)
@@ -77,7 +81,9 @@ class ModelConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, allowed in (("attention", ATTENTIONS), ("position", POSITIONS), ("norm", NORMS)):
+        choices = (("attention", ATTENTIONS), ("position", POSITIONS), ("norm", NORMS),
+                   ("checkpointing", CHECKPOINTING))  # fmt: skip
+        for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.d_model % self.n_head:
@@ -250,6 +256,10 @@ class TransformerLM(nn.Module):
         ranks), ``tokens`` is this rank's slice of a sequence of P * N tokens split in rank
         order (sequence parallelism, dilated attention only): positions are global and the
         attention exchanges keys and values with the other ranks."""
+        return self.lm_head(self.hidden(tokens, group))
+
+    def where(self, tokens: torch.Tensor, group=None) -> Slice:
+        """Checks ``tokens (B, N)`` and says where they sit in the whole sequence."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be (B, N) int64, got {tuple(tokens.shape)} {tokens.dtype}"
@@ -260,10 +270,20 @@ class TransformerLM(nn.Module):
                 "a sequence split across ranks needs attention='dilated', got "
                 f"{self.config.attention!r}"
             )
+        return where
+
+    def hidden(self, tokens: torch.Tensor, group=None) -> torch.Tensor:
+        """The final normalised hidden states ``(B, N, d_model)``: what the output layer reads
+        (a chunked loss, ``models/loss.py``, takes them with ``lm_head.weight``). With
+        ``checkpointing="layer"`` only block inputs are kept; each block's forward runs again
+        in the backward, with the same dropout masks (non-reentrant checkpoint, RNG state
+        restored)."""
+        where = self.where(tokens, group)
         x = self.drop(self.embed(tokens))
+        recompute = self.config.checkpointing == "layer" and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, where)
-        return self.lm_head(self.norm(x))
+            x = checkpoint(block, x, where, use_reentrant=False) if recompute else block(x, where)
+        return self.norm(x)
 
 
 # ----------------------------------------------------------------------------------------------

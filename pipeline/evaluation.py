@@ -34,6 +34,17 @@ def split_for(model: sc.Model, split: str) -> str:
 
 def evaluate(argv: list[str] | EvalConfig) -> list[sc.Result]:
     cfg = argv if isinstance(argv, EvalConfig) else load_eval_config(*split_argv(argv))
+    made_group = cfg.context_parallel > 1 and not dist.is_initialized()
+    try:
+        return _evaluate(cfg)
+    finally:
+        if made_group and dist.is_initialized():
+            # no process leaves while another still talks to it (gloo aborts at exit then)
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
     lengths = sorted(int(n) for n in cfg.context_lengths)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -47,7 +58,7 @@ def evaluate(argv: list[str] | EvalConfig) -> list[sc.Result]:
                 f"context_parallel={cfg.context_parallel} splits windows for dilated attention "
                 f"only; {model.name} has attention={model.net.config.attention!r}"
             )
-        model.group = group
+        model.group, model.loss_chunk = group, cfg.loss_chunk
     names = [split_for(m, cfg.split) for m in models]
     splits = [sc.corpus_split(m, s) for m, s in zip(models, names, strict=True)]
     docs = [sc.check_lengths(s, lengths, n) for s, n in zip(splits, names, strict=True)]

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data.config import DataConfig
 from data.corpus import Split, prepare
+from models.loss import chunked_nll
 from models.positional import XposRangeError
 from models.transformer import ModelConfig, TransformerLM
 from pipeline.build import check_checkpoint
@@ -55,6 +55,7 @@ class Model:
     label: str = ""
     own_corpus: bool = True  # data names the corpus the model was trained on
     group: object = None  # the ranks that split each window (context_parallel), or None
+    loss_chunk: int = 8192  # tokens per chunk of the output layer
 
 
 @dataclass
@@ -142,7 +143,7 @@ def check_lengths(split: Split, lengths: list[int], split_name: str) -> list[int
 
 
 @torch.no_grad()
-def nll(net: TransformerLM, windows: torch.Tensor, group=None) -> torch.Tensor:
+def nll(net: TransformerLM, windows: torch.Tensor, group=None, chunk: int = 8192):
     """(W, L+1) token windows -> (W, L) per-target NLL, float64. With ``group`` (P ranks, the
     same windows on each), each rank runs its slice of every window and the slices' NLL are
     gathered, so every rank returns the whole (W, L)."""
@@ -152,8 +153,8 @@ def nll(net: TransformerLM, windows: torch.Tensor, group=None) -> torch.Tensor:
         n = inputs.shape[1] // world
         j = dist.get_rank(group)
         inputs, targets = inputs[:, j * n : (j + 1) * n], targets[:, j * n : (j + 1) * n]
-    logits = net(inputs, group=group) if world > 1 else net(inputs)
-    out = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    hidden = net.hidden(inputs, group=group if world > 1 else None)  # no N x V logits
+    out = chunked_nll(hidden.flatten(0, 1), net.lm_head.weight, targets.flatten(), chunk)
     out = out.view(windows.shape[0], -1).double()
     if world > 1:
         parts = [torch.empty_like(out) for _ in range(world)]
@@ -188,7 +189,7 @@ def perplexity(
     sums = torch.zeros(length, dtype=torch.float64)
     for i in range(0, len(starts), per_batch):
         windows = gather(split, starts[i : i + per_batch], length, device)
-        values = nll(model.net, windows, model.group).cpu()
+        values = nll(model.net, windows, model.group, model.loss_chunk).cpu()
         total += values.sum().item()
         count += values.numel()
         sums += values.sum(0)
@@ -205,7 +206,9 @@ def prompting(model: Model, split: Split, docs, prompts: list[int], suffix: int,
         try:
             values = torch.cat(
                 [
-                    nll(model.net, gather(split, [s], p, device), model.group)[:, -suffix:].cpu()
+                    nll(model.net, gather(split, [s], p, device), model.group, model.loss_chunk)[
+                        :, -suffix:
+                    ].cpu()
                     for s in prompt_starts(split, docs, p, max(prompts))
                 ]
             )

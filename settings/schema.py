@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, get_type_hints
 
 from data.config import DataConfig
 from lightning_modules.lm import OptimConfig
+from models.loss import check_chunk
 from models.transformer import ModelConfig
 
 # trainer defaults, and what each means (the trainer section is a free dict: any argument of
@@ -64,6 +65,7 @@ class RunConfig:
     resume: str | None = None  # null: start fresh; auto: run_dir's last checkpoint if any; a path
     validate_first: bool = True  # a fresh run measures validation loss before its first step
     context_parallel: int = 1  # ranks that split each window (paper 3.1; dilated attention)
+    loss_chunk: int = 8192  # tokens per chunk of the output layer and loss: no tokens x vocab
     model: ModelConfig = field(default_factory=ModelConfig)  # models.transformer.ModelConfig
     data: DataConfig = field(default_factory=DataConfig)  # data.config.DataConfig
     optim: OptimConfig = field(default_factory=OptimConfig)  # lightning_modules.lm.OptimConfig
@@ -71,6 +73,7 @@ class RunConfig:
     trainer: dict[str, Any] = field(default_factory=_trainer_defaults)  # lightning.Trainer's own
 
     def __post_init__(self):
+        check_chunk(self.loss_chunk)
         P = self.context_parallel
         if P < 1:
             raise ValueError(f"context_parallel must be >= 1, got {P}")
@@ -119,6 +122,7 @@ class EvalConfig:
     dense_blockwise: bool = False  # dense models beyond their training length: blockwise
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     context_parallel: int = 1  # processes splitting each window: run with torchrun, P of them
+    loss_chunk: int = 8192  # tokens per chunk of the output layer and loss
     data: EvalData = field(default_factory=EvalData)  # another corpus to score (null: own)
 
     def __post_init__(self):
@@ -137,6 +141,7 @@ class EvalConfig:
             )
         if self.max_documents is not None and self.max_documents < 1:
             raise ValueError(f"max_documents must be at least 1 or null, got {self.max_documents}")
+        check_chunk(self.loss_chunk)
         if self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
         P = self.context_parallel

@@ -177,11 +177,11 @@ def test_a_bug_is_not_reported_as_not_reached(ckpt, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = ev.nll
 
-    def flaky(net, windows, group=None):
+    def flaky(net, windows, group=None, chunk=8192):
         calls["n"] += 1
         if windows.shape[1] == 33:  # length 32 cannot run here
             raise XposRangeError("XPOS scales reach exp(99) for 32 positions")
-        return real(net, windows, group)
+        return real(net, windows, group, chunk)
 
     monkeypatch.setattr(ev, "nll", flaky)
     res = run([*base, f"out_dir={tmp_path / 'a'}"])[0]
@@ -189,7 +189,7 @@ def test_a_bug_is_not_reported_as_not_reached(ckpt, tmp_path, monkeypatch):
     assert res.lengths[32].reason.startswith("not reached: XPOS scales reach")
     assert "not reached: XPOS" in (tmp_path / "a" / "ppl_vs_context.csv").read_text()
 
-    def broken(net, windows, group=None):
+    def broken(net, windows, group=None, chunk=8192):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
     monkeypatch.setattr(ev, "nll", broken)

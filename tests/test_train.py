@@ -29,12 +29,15 @@ def test_smoke_every_attention(tiny_args, tmp_path, attention):
     assert module.hparams.run_config["model"]["attention"] == attention
 
 
-def test_resume_gives_the_same_losses(tiny_args, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.checkpointing=layer"]], ids=["plain", "recompute"])
+def test_resume_gives_the_same_losses(tiny_args, tmp_path, extra):
+    """Dropout on (the tiny config's 0.1): resumed runs draw the same masks, with or without
+    blocks recomputed in the backward."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(tiny_args(straight, "trainer.max_steps=8"))
+    train(tiny_args(straight, "trainer.max_steps=8", *extra))
     # the first leg stops early, as a killed run would; the schedule still plans for 8 steps
-    train(tiny_args(split, "trainer.max_steps=4", "optim.total_steps=8"))
-    train(tiny_args(split, "trainer.max_steps=8", "resume=auto"))
+    train(tiny_args(split, "trainer.max_steps=4", "optim.total_steps=8", *extra))
+    train(tiny_args(split, "trainer.max_steps=8", "resume=auto", *extra))
     a, b = losses(straight), losses(split)
     assert sorted(a) == sorted(b) == list(range(8))
     for step in a:
