@@ -6,7 +6,9 @@ paper's 100K vocabulary, 400 KB per token). :func:`chunked_nll` computes, ``chun
 a time, ``logits = hidden @ weight.T``, their log-sum-exp and the target's negative
 log-likelihood, and keeps only one float per token (the log-sum-exp). The backward recomputes
 each chunk's logits and turns them into gradients of ``hidden`` and ``weight`` at once:
-``d logits = softmax(logits) * g - onehot(target) * g``.
+``d logits = softmax(logits) * g - onehot(target) * g``. A call that fits in one chunk keeps
+that chunk's probabilities instead of recomputing them (the memory plain cross-entropy uses,
+at most ``chunk x V``).
 """
 
 from __future__ import annotations
@@ -40,24 +42,30 @@ class _ChunkedNLL(torch.autograd.Function):
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(nll)
         ctx.dtype = dtype = _compute_dtype(hidden)
+        probs = None
         for s in range(0, hidden.shape[0], chunk):
             logits = _logits(hidden[s : s + chunk], weight, dtype)
             lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
             nll[s : s + chunk] = lse[s : s + chunk] - picked
-        ctx.save_for_backward(hidden, weight, targets, lse)
+            if hidden.shape[0] <= chunk:  # one chunk: keep its probabilities, as plain CE would
+                probs = torch.exp(logits.sub_(lse[:, None]))
+        ctx.save_for_backward(hidden, weight, targets, lse, probs)
         ctx.chunk = chunk
         return nll
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, lse, probs = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk].float()
-            d_logits = torch.exp(_logits(h, weight, ctx.dtype) - lse[s : s + ctx.chunk, None])
+            if probs is None:  # recompute this chunk's probabilities
+                d_logits = torch.exp(_logits(h, weight, ctx.dtype) - lse[s : s + ctx.chunk, None])
+            else:
+                d_logits = probs
             d_logits.mul_(g[:, None])
             d_logits.scatter_add_(1, targets[s : s + ctx.chunk, None], -g[:, None])
             d_logits = d_logits.to(ctx.dtype)
