@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick gpu-check seqpar table2 ablate throughput clean
+.PHONY: demo test test-slow lint format bench bench-quick gpu-check seqpar longseq table2 ablate throughput clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ throughput: $(STAMP)
 # sequence-parallel dilated attention on 1, 2, 4 gloo processes (~25 min on 2 cores)
 seqpar: $(STAMP)
 	$(PY) -m experiments.sequence_parallel
+
+# one training step of the tiny LongNet at 32K-1M tokens, memory savers off and on (#13)
+longseq: $(STAMP)
+	$(PY) -m experiments.long_sequence
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 from experiments import attention_scaling, model_cost
 
 
@@ -64,3 +66,15 @@ def test_sequence_parallel_micro(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 2 | 4K |" in out and "projection, 1B tokens" in out
     assert (tmp_path / "seqpar.png").exists()
+
+
+def test_long_sequence_micro(tmp_path, capsys):
+    """Each (N, mode) in its own process: the memory savers lower the peak per token."""
+    from experiments import long_sequence
+
+    long_sequence.main(["--lengths", "2048", "--chunk", "512", "--out", str(tmp_path)])
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "longseq.json").read_text())}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["saving"]["peak_mib"] < rows["plain"]["peak_mib"]
+    assert rows["saving"]["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5)
+    assert "| 2K | saving | ok |" in capsys.readouterr().out

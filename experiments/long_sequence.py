@@ -1,0 +1,129 @@
+"""One training step of the tiny LongNet at long N, with and without the memory savers.
+
+    python -m experiments.long_sequence                       # (make longseq)
+    python -m experiments.long_sequence --lengths 32768 131072 --modes plain saving
+
+A step is what train.py does on one sequence: forward, loss, backward, an AdamW step. Modes:
+``plain`` (no checkpointing, the whole N x vocab logits: the loss as it was before #13),
+``chunked`` (the chunked output layer and loss only) and ``saving`` (chunked loss and
+``model.checkpointing=layer``). Each (N, mode) runs in its own process, so that its peak
+memory (resident-set growth above the process after building the model, sampled; see
+attention_scaling.py) is its own, and a length the machine cannot hold (the kernel kills the
+process) is reported as not reached rather than ending the run. Prints a markdown table of
+peak MiB per token and tokens/s; writes runs/longseq/longseq.{csv,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from experiments.attention_scaling import PeakMemory, fixed_mmap_threshold
+from models.loss import chunked_nll
+from pipeline import report
+from settings.loading import model_config_named
+
+K = 1024
+MODES = ("plain", "chunked", "saving")
+
+
+def step(model, optimizer, tokens: torch.Tensor, mode: str, chunk: int) -> float:
+    """One training step; returns the loss."""
+    inputs, targets = tokens[:, :-1], tokens[0, 1:]
+    if mode == "plain":
+        loss = F.cross_entropy(model(inputs)[0], targets)
+    else:
+        hidden = model.hidden(inputs)[0]
+        loss = chunked_nll(hidden, model.lm_head.weight, targets, chunk).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _measure(n: int, mode: str, model_name: str, chunk: int, threads: int, queue) -> None:
+    import dataclasses
+
+    from models.transformer import TransformerLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = model_config_named(model_name)
+    cfg = dataclasses.replace(cfg, checkpointing="layer" if mode == "saving" else "none")
+    model = TransformerLM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, cfg.vocab_size, (1, n + 1))
+    with PeakMemory(torch.device("cpu")) as mem:
+        start = time.perf_counter()
+        loss = step(model, optimizer, tokens, mode, chunk)
+        seconds = time.perf_counter() - start
+    queue.put({"n": n, "mode": mode, "status": "ok", "step_s": seconds, "loss": loss,
+               "peak_mib": mem.peak / 2**20})  # fmt: skip
+
+
+def measure(n: int, mode: str, args) -> dict:
+    """One (N, mode) in a fresh process; a killed process is a length not reached."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(n, mode, args.model, args.chunk, args.threads, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or queue.empty():
+        return {"n": n, "mode": mode, "status": f"not reached (exit {proc.exitcode})"}
+    row = queue.get()
+    row["mib_per_token"] = row["peak_mib"] / n
+    row["tokens_per_s"] = n / row["step_s"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    header = ["N", "mode", "status", "step s", "tokens/s", "peak MiB", "MiB/token"]
+    cells = [
+        [f"{r['n'] // K}K", r["mode"], r["status"], r.get("step_s"), r.get("tokens_per_s"),
+         r.get("peak_mib"), r.get("mib_per_token")]
+        for r in rows
+    ]  # fmt: skip
+    return report.markdown_table(header, cells, digits=3)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[32 * K, 128 * K, 512 * K, 1024 * K])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--model", default="longnet_tiny", help="a name in configs/model/")
+    p.add_argument("--chunk", type=int, default=8192, help="loss_chunk: tokens per chunk")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", type=Path, default=Path("runs/longseq"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, stopped = [], set()
+    for n in sorted(args.lengths):
+        for mode in args.modes:
+            if mode in stopped:  # a shorter N was not reached: a longer one will not be
+                rows.append({"n": n, "mode": mode, "status": "skipped"})
+                continue
+            row = measure(n, mode, args)
+            rows.append(row)
+            print(f"  N={n // K}K {mode}: {row['status']}" + (
+                f", {row['step_s']:.1f} s, {row['mib_per_token']:.4f} MiB/token"
+                if row["status"] == "ok" else ""), flush=True)  # fmt: skip
+            if row["status"] != "ok":
+                stopped.add(mode)
+    (args.out / "longseq.json").write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    print(f"wrote {args.out}/longseq.json")
+
+
+if __name__ == "__main__":
+    fixed_mmap_threshold()
+    main()
