@@ -30,7 +30,7 @@ from pipeline import report
 from settings.loading import model_config_named
 
 K = 1024
-MODES = ("plain", "chunked", "saving")
+MODES = ("plain", "chunked", "saving", "sublayer")
 
 
 def step(model, optimizer, tokens: torch.Tensor, mode: str, chunk: int) -> float:
@@ -55,7 +55,8 @@ def _measure(n: int, mode: str, model_name: str, chunk: int, threads: int, queue
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = model_config_named(model_name)
-    cfg = dataclasses.replace(cfg, checkpointing="layer" if mode == "saving" else "none")
+    recompute = {"saving": "layer", "sublayer": "sublayer"}.get(mode, "none")
+    cfg = dataclasses.replace(cfg, checkpointing=recompute)
     model = TransformerLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, cfg.vocab_size, (1, n + 1))

@@ -37,7 +37,7 @@ from models.positional import apply_rope, apply_xpos, dilated_anchor
 AttentionKind = Literal["dense", "dilated", "sparse", "sliding"]
 PositionKind = Literal["xpos", "rope", "none"]
 NormKind = Literal["subln", "pre"]
-CheckpointingKind = Literal["none", "layer"]
+CheckpointingKind = Literal["none", "layer", "sublayer"]
 ATTENTIONS, POSITIONS, NORMS = (get_args(t) for t in (AttentionKind, PositionKind, NormKind))
 CHECKPOINTING = get_args(CheckpointingKind)
 
@@ -70,7 +70,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE (and XPOS rotation) frequency base
     norm: NormKind = "subln"  # subln: MAGNETO; pre: pre-LN
     tie_embeddings: bool = True  # output layer shares the input embedding
-    checkpointing: CheckpointingKind = "none"  # layer: blocks recomputed in the backward
+    checkpointing: CheckpointingKind = "none"  # layer | sublayer: recomputed in the backward
 
     def __post_init__(self):
         self.segment_lengths = list(self.segment_lengths)
@@ -206,9 +206,20 @@ class Block(nn.Module):
         self.norm2, self.ffn = nn.LayerNorm(cfg.d_model), FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), where))
-        return x + self.drop(self.ffn(self.norm2(x)))
+    def forward(self, x: torch.Tensor, where: Slice, recompute: bool = False) -> torch.Tensor:
+        """``recompute``: each residual branch (attention, feed-forward) is run again in the
+        backward, so at most one branch's activations exist at a time."""
+        if recompute:
+            x = x + checkpoint(self._attention, x, where, use_reentrant=False)
+            return x + checkpoint(self._feed_forward, x, use_reentrant=False)
+        x = x + self._attention(x, where)
+        return x + self._feed_forward(x)
+
+    def _attention(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
+        return self.drop(self.attn(self.norm1(x), where))
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.ffn(self.norm2(x)))
 
 
 class TransformerLM(nn.Module):
@@ -275,14 +286,18 @@ class TransformerLM(nn.Module):
     def hidden(self, tokens: torch.Tensor, group=None) -> torch.Tensor:
         """The final normalised hidden states ``(B, N, d_model)``: what the output layer reads
         (a chunked loss, ``models/loss.py``, takes them with ``lm_head.weight``). With
-        ``checkpointing="layer"`` only block inputs are kept; each block's forward runs again
-        in the backward, with the same dropout masks (non-reentrant checkpoint, RNG state
-        restored)."""
+        ``checkpointing="layer"`` only block inputs are kept and each block's forward runs again
+        in the backward; with ``"sublayer"`` the input of each residual branch is kept and one
+        branch at a time is recomputed (less memory, the same extra compute). The same dropout
+        masks either way (non-reentrant checkpoint, RNG state restored)."""
         where = self.where(tokens, group)
         x = self.drop(self.embed(tokens))
-        recompute = self.config.checkpointing == "layer" and torch.is_grad_enabled()
+        mode = self.config.checkpointing if torch.is_grad_enabled() else "none"
         for block in self.blocks:
-            x = checkpoint(block, x, where, use_reentrant=False) if recompute else block(x, where)
+            if mode == "layer":
+                x = checkpoint(block, x, where, use_reentrant=False)
+            else:
+                x = block(x, where, recompute=mode == "sublayer")
         return self.norm(x)
 
 

@@ -71,7 +71,7 @@ def test_no_tokens_x_vocab_tensor_in_a_training_step():
 def test_checkpointing_gives_the_same_gradients(attention):
     """Blocks recomputed in the backward, dropout on: the same masks, the same gradients."""
     grads = {}
-    for mode in ("none", "layer"):
+    for mode in ("none", "layer", "sublayer"):
         torch.manual_seed(0)
         model = TransformerLM(small(attention=attention, dropout=0.2, checkpointing=mode))
         tokens = torch.randint(0, 512, (2, 41), generator=torch.Generator().manual_seed(1))
@@ -80,14 +80,15 @@ def test_checkpointing_gives_the_same_gradients(attention):
         nll.mean().backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, want in grads["none"].items():
-        assert rel(grads["layer"][name], want) < 1e-6, name
+        for mode in ("layer", "sublayer"):
+            assert rel(grads[mode][name], want) < 1e-6, (mode, name)
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
         (["loss_chunk=0"], "loss chunk must be a positive integer"),
-        (["model.checkpointing=full"], r"expected one of \['none', 'layer'\]"),
+        (["model.checkpointing=full"], r"expected one of \['none', 'layer', 'sublayer'\]"),
     ],
 )
 def test_bad_settings_are_rejected(overrides, message):
