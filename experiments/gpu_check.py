@@ -157,13 +157,11 @@ def run_train(budget: float, out: Path) -> dict:
 
 def train_metrics(run_dir: Path) -> dict:
     """Per-step numbers from the run's metrics CSV (steps after warm-up: the last 90%)."""
-    import csv
     import statistics
 
-    rows = []
-    for f in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
-        with open(f, newline="") as fh:
-            rows += [r for r in csv.DictReader(fh) if r.get("train/tokens_per_s")]
+    from pipeline.outputs import metrics_rows
+
+    rows = [r for r in metrics_rows(run_dir) if r.get("train/tokens_per_s")]
     if not rows:
         return {}
     steady = rows[len(rows) // 10 :] or rows

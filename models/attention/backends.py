@@ -65,10 +65,6 @@ def flash_attn_version() -> str | None:
     return str(getattr(flash_attn, "__version__", "0"))
 
 
-def flash_attn_available() -> bool:
-    return flash_attn_version() is not None
-
-
 def version_tuple(version: str) -> tuple[int, int, int]:
     """ "2.7.4.post1" -> (2, 7, 4); missing or non-numeric parts count as 0."""
     parts = [re.match(r"\d*", p).group() or "0" for p in version.split("+")[0].split(".")]
@@ -317,7 +313,7 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, mask):
         _bhmd(kp),
         _bhmd(vp),
         bias,
-        _bhmd(outp.contiguous()),
+        _bhmd(outp),
         efficient_lse(lse),
         seed,
         offset,

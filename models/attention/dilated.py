@@ -174,13 +174,22 @@ def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[Block]:
     return out
 
 
+def pair_calls(w, r, batch, n, n_head, causal: bool, first: bool) -> list[Call]:
+    """The kernel calls of one pair on a sequence of ``n`` (``first``: the schedule's first
+    pair, whose calls are disjoint and so copied rather than merged)."""
+    return [
+        call
+        for block in _blocks(w, r, batch, n, n_head)
+        for call in chunked(Call(q=block, kv=block, causal=causal, first=first))
+    ]
+
+
 def dilated_calls(pairs: Schedule, batch: int, n: int, n_head: int, causal: bool) -> list[Call]:
-    """The kernel calls of a schedule; the first pair's are disjoint, so they are copied."""
+    """The kernel calls of a schedule."""
     return [
         call
         for i, (w, r) in enumerate(pairs)
-        for block in _blocks(w, r, batch, n, n_head)
-        for call in chunked(Call(q=block, kv=block, causal=causal, first=i == 0))
+        for call in pair_calls(w, r, batch, n, n_head, causal, first=i == 0)
     ]
 
 
@@ -246,11 +255,7 @@ def _distributed_plan(q, k, v, pairs, causal, scale, backend, group) -> Plan:
     for i, (w, r) in enumerate(pairs):
         sp = distributed.spanning(w, r, at, causal)
         if sp is None:  # segments inside this rank's slice: as on one device
-            calls += [
-                call
-                for block in _blocks(w, r, B, length, H)
-                for call in chunked(Call(q=block, kv=block, causal=causal, first=i == 0))
-            ]
+            calls += pair_calls(w, r, B, length, H, causal, first=i == 0)
             continue
         # every rank exchanges for every spanning pair (even with nothing to send or receive),
         # so that the collectives, forward and backward, match across ranks

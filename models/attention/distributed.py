@@ -35,7 +35,7 @@ import torch.distributed as dist
 from models.attention.mixing import Block, Call, chunked
 
 # bytes this process sent and received through exchanges, forward and backward together
-EXCHANGE_BYTES = {"sent": 0, "received": 0, "calls": 0}
+EXCHANGE_BYTES = {"sent": 0, "received": 0}
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,7 @@ def check_agreement(q: torch.Tensor, pairs, causal: bool, group) -> None:
     a ValueError naming them (one small all_gather: no rank is left waiting)."""
     B, L, H, D = q.shape
     schedule = int(hashlib.sha256(repr((pairs, causal)).encode()).hexdigest()[:12], 16)
-    mine = torch.tensor([B, L, H, D, _dtype_code(q.dtype), schedule], dtype=torch.int64)
-    device = q.device if q.device.type != "cpu" or dist.get_backend(group) == "gloo" else "cpu"
-    mine = mine.to(device)
+    mine = torch.tensor([B, L, H, D, _dtype_code(q.dtype), schedule], device=q.device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     rows = [tuple(int(x) for x in t.tolist()) for t in every]
@@ -121,7 +119,6 @@ def _all_to_all(send, send_counts, recv_counts, group):
     dist.all_to_all_single(out, send, list(recv_counts), list(send_counts), group=group)
     EXCHANGE_BYTES["sent"] += send.numel() * send.element_size()
     EXCHANGE_BYTES["received"] += out.numel() * out.element_size()
-    EXCHANGE_BYTES["calls"] += 1
     return out
 
 
@@ -139,7 +136,6 @@ class Spanning:
     """Pair (w, r) whose segments span ``m`` ranks, seen from one rank."""
 
     r: int
-    m: int  # ranks per segment
     members: tuple[int, ...]  # the ranks of this rank's segment, in order
     index: int  # this rank's position among them
     causal: bool
@@ -169,7 +165,7 @@ def spanning(w: int, r: int, at: Layout, causal: bool) -> Spanning | None:
     m = seg // at.length
     first = at.rank // m * m
     members = tuple(range(first, min(first + m, at.world)))
-    return Spanning(r, m, members, at.rank - first, causal)
+    return Spanning(r, members, at.rank - first, causal)
 
 
 def _classes(r: int, n_head: int):
