@@ -63,7 +63,8 @@ class _ChunkedNLL(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, g = hidden[s : s + ctx.chunk], grad[s : s + ctx.chunk].float()
             if probs is None:  # recompute this chunk's probabilities
-                d_logits = torch.exp(_logits(h, weight, ctx.dtype) - lse[s : s + ctx.chunk, None])
+                d_logits = _logits(h, weight, ctx.dtype)  # in place from here: one chunk x V
+                d_logits = d_logits.sub_(lse[s : s + ctx.chunk, None]).exp_()
             else:
                 d_logits = probs
             d_logits.mul_(g[:, None])

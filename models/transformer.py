@@ -71,11 +71,12 @@ class ModelConfig:
     norm: NormKind = "subln"  # subln: MAGNETO; pre: pre-LN
     tie_embeddings: bool = True  # output layer shares the input embedding
     checkpointing: CheckpointingKind = "none"  # layer | sublayer: recomputed in the backward
+    recompute_chunk: int = 8192  # sublayer: tokens per recomputed piece of the token-wise parts
 
     def __post_init__(self):
         self.segment_lengths = list(self.segment_lengths)
         self.dilation_rates = list(self.dilation_rates)
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff"):
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "recompute_chunk"):
             value = getattr(self, name)
             if name == "vocab_size" and value is None:
                 continue
@@ -157,17 +158,33 @@ class Attention(nn.Module):
         dilated = cfg.attention == "dilated"
         self.anchor = dilated_anchor(cfg.segment_lengths) if dilated else None
 
-    def forward(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, where: Slice, chunk: int | None = None) -> torch.Tensor:
+        """``x (B, N, C) -> (B, N, C)``. ``chunk``: the token-wise parts (the projections and
+        positions before the attention, Sub-LN and the output projection after it) are
+        recomputed in the backward ``chunk`` tokens at a time (see ``tokenwise``); only the
+        attention's own inputs and output exist for the whole sequence."""
+        if chunk is None:
+            return self.output(self.attend(*self.project(x, where.positions, where.total),
+                                           where.group))  # fmt: skip
+        q, k, v = tokenwise(
+            lambda xc, pc: self.project(xc, pc, where.total), chunk, x, where.positions
+        )
+        return tokenwise(self.output, chunk, self.attend(q, k, v, where.group))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, total: int):
+        """``x (B, n, C)`` at ``positions (n,)`` of a sequence of ``total`` -> q, k, v
+        ``(B, n, H, Dh)``, positions applied; token-wise."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_head, self.head_dim).unbind(2)  # (B,N,H,Dh)
         if self.cfg.position == "xpos":
-            q, k = apply_xpos(
-                q, k, where.positions, self.cfg.xpos_scale_base, self.anchor, where.total
-            )
+            q, k = apply_xpos(q, k, positions, self.cfg.xpos_scale_base, self.anchor, total)
         elif self.cfg.position == "rope":
-            q, k = apply_rope(q, k, where.positions, self.cfg.rope_base)
-        y = self.attend(q, k, v, where.group).reshape(B, N, C)
-        return self.out_proj(self.inner_norm(y))
+            q, k = apply_rope(q, k, positions, self.cfg.rope_base)
+        return q, k, v
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """``y (B, n, H, Dh) -> (B, n, C)``: Sub-LN and the output projection; token-wise."""
+        return self.out_proj(self.inner_norm(y.flatten(2)))
 
     def attend(self, q, k, v, group=None):
         """(B, N, H, Dh) x3 -> (B, N, H, Dh), causal; with ``group``, N is this rank's slice."""
@@ -208,18 +225,43 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, where: Slice, recompute: bool = False) -> torch.Tensor:
         """``recompute``: each residual branch (attention, feed-forward) is run again in the
-        backward, so at most one branch's activations exist at a time."""
-        if recompute:
-            x = x + checkpoint(self._attention, x, where, use_reentrant=False)
-            return x + checkpoint(self._feed_forward, x, use_reentrant=False)
-        x = x + self._attention(x, where)
-        return x + self._feed_forward(x)
+        backward, one at a time, and its token-wise parts in pieces of ``recompute_chunk``
+        tokens, so at most one branch's attention inputs and one piece's other activations
+        exist at a time. The branch with dropout is recomputed whole (the same masks, drawn
+        once for the whole sequence as without recomputation)."""
+        if not recompute:
+            x = x + self._attention(x, where)
+            return x + self._feed_forward(x)
+        chunk = self.attn.cfg.recompute_chunk
+        x = x + checkpoint(self._attention, x, where, chunk, use_reentrant=False)
+        if self.drop.p > 0 and self.training:
+            return x + checkpoint(self._feed_forward, x, chunk, use_reentrant=False)
+        return x + self._feed_forward(x, chunk)  # only the pieces' inputs are kept
 
-    def _attention(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
-        return self.drop(self.attn(self.norm1(x), where))
+    def _attention(self, x: torch.Tensor, where: Slice, chunk: int | None = None):
+        return self.drop(self.attn(self.norm1(x), where, chunk))
 
-    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.ffn(self.norm2(x)))
+    def _feed_forward(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        if chunk is None:
+            return self.drop(self.ffn(self.norm2(x)))
+        return self.drop(tokenwise(lambda xc: self.ffn(self.norm2(xc)), chunk, x))
+
+
+def tokenwise(fn, chunk: int, x: torch.Tensor, positions: torch.Tensor | None = None):
+    """``fn`` applied to pieces of ``chunk`` tokens of ``x (B, N, ...)`` (and of
+    ``positions (N,)`` when given), each piece checkpointed: the forward keeps only the pieces'
+    inputs (views of ``x``) and the backward recomputes one piece at a time, so ``fn``'s
+    intermediate activations exist for ``chunk`` tokens, never for N. ``fn`` must be token-wise
+    (each output token depends on its input token only) and draw no random numbers: the result
+    and its gradients then equal ``fn(x)``'s. Returns ``fn``'s output (a tensor or a tuple of
+    tensors) concatenated along the tokens."""
+    pieces = [(xc,) for xc in x.split(chunk, dim=1)]  # (B, <=chunk, ...) views
+    if positions is not None:
+        pieces = [(xc, pc) for (xc,), pc in zip(pieces, positions.split(chunk), strict=True)]
+    outs = [checkpoint(fn, *piece, use_reentrant=False) for piece in pieces]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs, dim=1)
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True))
 
 
 class TransformerLM(nn.Module):

@@ -91,12 +91,14 @@ def test_math_backend_agrees(causal):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_chunked_path_matches(monkeypatch):
-    """Chunks of a few segments (as long sequences use) give the same result as one chunk."""
+@pytest.mark.parametrize("limit", ["CHUNK_ROWS", "CPU_CHUNK_ROWS"])
+def test_chunked_path_matches(monkeypatch, limit):
+    """Chunks of a few segments (as long sequences use), planned or cut at run time on CPU,
+    give the same result as one chunk."""
     import models.attention.mixing as mixing
 
     whole, _ = run_both(2, 70, 4, 8, [8, 16, 32], [1, 2, 4], True, seed=3)
-    monkeypatch.setattr(mixing, "CHUNK_ROWS", 40)
+    monkeypatch.setattr(mixing, limit, 40)
     chunked, _ = run_both(2, 70, 4, 8, [8, 16, 32], [1, 2, 4], True, seed=3)
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -67,13 +67,16 @@ def test_no_tokens_x_vocab_tensor_in_a_training_step():
     assert plain.largest >= n_by_v
 
 
+@pytest.mark.parametrize("dropout", [0.2, 0.0])
 @pytest.mark.parametrize("attention", ["dilated", "dense", "sparse", "sliding"])
-def test_checkpointing_gives_the_same_gradients(attention):
-    """Blocks recomputed in the backward, dropout on: the same masks, the same gradients."""
+def test_checkpointing_gives_the_same_gradients(attention, dropout):
+    """Blocks recomputed in the backward, dropout on: the same masks, the same gradients;
+    sublayer recomputes its token-wise parts in pieces of 16 tokens (40 = 16 + 16 + 8)."""
     grads = {}
     for mode in ("none", "layer", "sublayer"):
         torch.manual_seed(0)
-        model = TransformerLM(small(attention=attention, dropout=0.2, checkpointing=mode))
+        cfg = small(attention=attention, dropout=dropout, checkpointing=mode, recompute_chunk=16)
+        model = TransformerLM(cfg)
         tokens = torch.randint(0, 512, (2, 41), generator=torch.Generator().manual_seed(1))
         hidden = model.hidden(tokens[:, :-1])
         nll = chunked_nll(hidden.flatten(0, 1), model.lm_head.weight, tokens[:, 1:].flatten(), 16)
@@ -94,3 +97,21 @@ def test_checkpointing_gives_the_same_gradients(attention):
 def test_bad_settings_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config([], overrides)
+
+
+def test_sublayer_recomputation_never_holds_a_whole_feed_forward():
+    """With ``checkpointing=sublayer`` the feed-forward and the projections run on pieces of
+    ``recompute_chunk`` tokens in the forward and in the recomputation: no tensor of
+    N x d_ff exists, which every other mode makes."""
+    n, d_ff = 512, 64
+    largest = {}
+    for mode in ("none", "layer", "sublayer"):
+        torch.manual_seed(0)
+        model = TransformerLM(small(checkpointing=mode, recompute_chunk=16))
+        tokens = torch.randint(0, 512, (1, n + 1), generator=torch.Generator().manual_seed(1))
+        with LargestTensor() as seen:
+            hidden = model.hidden(tokens[:, :-1])
+            chunked_nll(hidden[0], model.lm_head.weight, tokens[0, 1:], 32).mean().backward()
+        largest[mode] = seen.largest
+    assert largest["none"] >= n * d_ff and largest["layer"] >= n * d_ff
+    assert largest["sublayer"] < n * d_ff, largest

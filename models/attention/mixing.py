@@ -25,8 +25,12 @@ import torch
 
 from models.attention.backends import MAX_CUDA_GROUPS, attention_backward, attention_forward
 
-# Rows (position x head) per kernel call: 2**19 rows of D=64 fp32 is 128 MiB per tensor.
+# Rows (position x head) per kernel call: 2**19 rows of D=64 fp32 is 128 MiB per tensor. On
+# CPU, calls run in pieces of CPU_CHUNK_ROWS: a piece's copies and gradients in the kernels are
+# what a call adds to a step's memory (about 8 tensors of 16 MiB at D=64 fp32), and CPU kernels
+# gain nothing from longer calls; on GPUs, longer calls spend less time launching kernels.
 CHUNK_ROWS = 2**19
+CPU_CHUNK_ROWS = 2**16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,10 +99,11 @@ class Call:
     first: bool = False
 
 
-def chunked(call: Call) -> list[Call]:
-    """Cuts a call into calls of at most CHUNK_ROWS query rows (whole groups), and at most
-    MAX_CUDA_GROUPS groups (the CUDA kernels' grid limit)."""
-    per = min(MAX_CUDA_GROUPS, max(1, CHUNK_ROWS // (call.q.rows * call.q.heads)))
+def chunked(call: Call, rows: int | None = None) -> list[Call]:
+    """Cuts a call into calls of at most ``rows`` (default CHUNK_ROWS) query rows (whole
+    groups), and at most MAX_CUDA_GROUPS groups (the CUDA kernels' grid limit)."""
+    rows = CHUNK_ROWS if rows is None else rows
+    per = min(MAX_CUDA_GROUPS, max(1, rows // (call.q.rows * call.q.heads)))
     if call.q.groups <= per:
         return [call]
     return [
@@ -153,6 +158,12 @@ class Plan:
     def kv(self) -> list[torch.Tensor]:
         return [x for src in self.sources for x in src]
 
+    def runs(self) -> list[Call]:
+        """The calls as they run on q's device: on CPU in pieces of CPU_CHUNK_ROWS."""
+        if self.q.device.type != "cpu":
+            return list(self.calls)
+        return [piece for call in self.calls for piece in chunked(call, CPU_CHUNK_ROWS)]
+
 
 def plan(q, sources, calls, *, covers_all: bool, scale: float, backend: str) -> Plan:
     """A :class:`Plan`; tensors whose batch rows or heads are not laid out as blocks expect
@@ -178,7 +189,7 @@ def mixed_forward(p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty((B, N, H), dtype=acc, device=q.device)
     if not p.covers_all:
         lse.fill_(float("-inf"))
-    for call in p.calls:
+    for call in p.runs():
         k, v = p.sources[call.source]
         views = (call.q.view(q), call.kv.view(k), call.kv.view(v))
         out, l_blk = attention_forward(*views, **_kernel_args(p, call))
@@ -219,7 +230,7 @@ def mixed_backward(p: Plan, dout, out, lse):
         ]
         for i, src in enumerate(p.sources)
     ]
-    for call in p.calls:
+    for call in p.runs():
         k, v = p.sources[call.source]
         views = [call.q.view(dout), call.q.view(q), call.kv.view(k), call.kv.view(v)]
         views += [call.q.view(out), call.q.view(lse)]
