@@ -41,18 +41,46 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, N, H, D); cos, sin (N, D/2) -> broadcast over batch and heads
+class _Rotate(torch.autograd.Function):
+    """``x (B, N, H, D)`` -> ``(x1 c - x2 s, x1 s + x2 c)`` for the halves ``x1, x2`` of the
+    last dimension and tables ``c, s (N, D/2)`` (cos and sin, times XPOS's scale when it
+    applies), computed in ``_work_dtype(x)``. Four passes over x, and a backward that keeps only
+    the tables: the map is linear in x, its transpose is ``(g1 c + g2 s, g2 c - g1 s)``."""
+
+    @staticmethod
+    def forward(ctx, x, c, s):
+        ctx.save_for_backward(c, s)
+        return _rotate_halves(x, c, s, sign=1.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        c, s = ctx.saved_tensors
+        return _rotate_halves(grad, c, s, sign=-1.0), None, None
+
+
+def _rotate_halves(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: float):
+    """Rotation by the tables' angles (``sign=1``) or its inverse (``sign=-1``), in x's dtype;
+    arithmetic in ``_work_dtype(x)``."""
+    dtype, h = _work_dtype(x), x.shape[-1] // 2
+    c, s = c.to(dtype)[None, :, None, :], s.to(dtype)[None, :, None, :]  # (1, N, 1, D/2)
+    x1, x2 = x[..., :h].to(dtype), x[..., h:].to(dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    torch.mul(x1, c, out=out[..., :h]).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=out[..., h:]).addcmul_(x1, s, value=sign)
+    return out.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    # x (B, N, H, D); c, s (N, D/2), float64 -> broadcast over batch and heads
     dtype = _work_dtype(x)
-    x1, x2 = x.to(dtype).chunk(2, dim=-1)
-    cos, sin = cos.to(dtype)[None, :, None, :], sin.to(dtype)[None, :, None, :]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return _Rotate.apply(x, c.to(dtype), s.to(dtype))
 
 
 def apply_rope(q, k, positions, base: float = 10000.0):
     """RoPE on ``q, k (B, N, H, D)`` at integer ``positions (N,)``."""
     cos, sin = rotary_angles(positions, q.shape[-1], base)
-    return _rotate(q, cos, sin).to(q.dtype), _rotate(k, cos, sin).to(k.dtype)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def xpos_zeta(head_dim: int) -> torch.Tensor:
@@ -119,10 +147,8 @@ def apply_xpos(q, k, positions, scale_base: float = 512.0, anchor: int | None = 
     D = q.shape[-1]
     cos, sin = rotary_angles(positions, D)
     log_scale = xpos_log_scale(positions, D, scale_base, anchor, total)
-    dtype = _work_dtype(q)
-    up = log_scale.exp().to(dtype).repeat(1, 2)[None, :, None, :]  # (1, N, 1, D)
-    down = (-log_scale).exp().to(dtype).repeat(1, 2)[None, :, None, :]
-    return (_rotate(q, cos, sin) * up).to(q.dtype), (_rotate(k, cos, sin) * down).to(k.dtype)
+    up, down = log_scale.exp(), (-log_scale).exp()  # (N, D/2) float64: q's and k's scales
+    return _rotate(q, cos * up, sin * up), _rotate(k, cos * down, sin * down)
 
 
 def dilated_anchor(segment_lengths) -> int:

@@ -71,7 +71,7 @@ class ModelConfig:
     norm: NormKind = "subln"  # subln: MAGNETO; pre: pre-LN
     tie_embeddings: bool = True  # output layer shares the input embedding
     checkpointing: CheckpointingKind = "none"  # layer | sublayer: recomputed in the backward
-    recompute_chunk: int = 8192  # sublayer: tokens per recomputed piece of the token-wise parts
+    recompute_chunk: int = 8192  # sublayer: tokens per recomputed piece of the feed-forward
 
     def __post_init__(self):
         self.segment_lengths = list(self.segment_lengths)
@@ -158,18 +158,10 @@ class Attention(nn.Module):
         dilated = cfg.attention == "dilated"
         self.anchor = dilated_anchor(cfg.segment_lengths) if dilated else None
 
-    def forward(self, x: torch.Tensor, where: Slice, chunk: int | None = None) -> torch.Tensor:
-        """``x (B, N, C) -> (B, N, C)``. ``chunk``: the token-wise parts (the projections and
-        positions before the attention, Sub-LN and the output projection after it) are
-        recomputed in the backward ``chunk`` tokens at a time (see ``tokenwise``); only the
-        attention's own inputs and output exist for the whole sequence."""
-        if chunk is None:
-            return self.output(self.attend(*self.project(x, where.positions, where.total),
-                                           where.group))  # fmt: skip
-        q, k, v = tokenwise(
-            lambda xc, pc: self.project(xc, pc, where.total), chunk, x, where.positions
-        )
-        return tokenwise(self.output, chunk, self.attend(q, k, v, where.group))
+    def forward(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
+        """``x (B, N, C) -> (B, N, C)``."""
+        q, k, v = self.project(x, where.positions, where.total)
+        return self.output(self.attend(q, k, v, where.group))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, total: int):
         """``x (B, n, C)`` at ``positions (n,)`` of a sequence of ``total`` -> q, k, v
@@ -180,6 +172,8 @@ class Attention(nn.Module):
             q, k = apply_xpos(q, k, positions, self.cfg.xpos_scale_base, self.anchor, total)
         elif self.cfg.position == "rope":
             q, k = apply_rope(q, k, positions, self.cfg.rope_base)
+        if self.cfg.position != "none":  # q, k are new tensors: v alone keeps qkv's buffer
+            v = v.contiguous()  # (alive until the backward, under recomputation) otherwise
         return q, k, v
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
@@ -225,21 +219,22 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, where: Slice, recompute: bool = False) -> torch.Tensor:
         """``recompute``: each residual branch (attention, feed-forward) is run again in the
-        backward, one at a time, and its token-wise parts in pieces of ``recompute_chunk``
-        tokens, so at most one branch's attention inputs and one piece's other activations
-        exist at a time. The branch with dropout is recomputed whole (the same masks, drawn
-        once for the whole sequence as without recomputation)."""
+        backward, one at a time; the feed-forward, whose activations are the largest (d_ff
+        wide), in pieces of ``recompute_chunk`` tokens (``tokenwise``). With dropout, the
+        feed-forward branch is recomputed whole around its pieces, so that its mask is drawn
+        once for the whole sequence, as without recomputation (the same masks, the same
+        gradients; it costs one more forward of the feed-forward)."""
         if not recompute:
             x = x + self._attention(x, where)
             return x + self._feed_forward(x)
         chunk = self.attn.cfg.recompute_chunk
-        x = x + checkpoint(self._attention, x, where, chunk, use_reentrant=False)
+        x = x + checkpoint(self._attention, x, where, use_reentrant=False)
         if self.drop.p > 0 and self.training:
             return x + checkpoint(self._feed_forward, x, chunk, use_reentrant=False)
         return x + self._feed_forward(x, chunk)  # only the pieces' inputs are kept
 
-    def _attention(self, x: torch.Tensor, where: Slice, chunk: int | None = None):
-        return self.drop(self.attn(self.norm1(x), where, chunk))
+    def _attention(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
+        return self.drop(self.attn(self.norm1(x), where))
 
     def _feed_forward(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         if chunk is None:
@@ -247,21 +242,15 @@ class Block(nn.Module):
         return self.drop(tokenwise(lambda xc: self.ffn(self.norm2(xc)), chunk, x))
 
 
-def tokenwise(fn, chunk: int, x: torch.Tensor, positions: torch.Tensor | None = None):
-    """``fn`` applied to pieces of ``chunk`` tokens of ``x (B, N, ...)`` (and of
-    ``positions (N,)`` when given), each piece checkpointed: the forward keeps only the pieces'
-    inputs (views of ``x``) and the backward recomputes one piece at a time, so ``fn``'s
-    intermediate activations exist for ``chunk`` tokens, never for N. ``fn`` must be token-wise
-    (each output token depends on its input token only) and draw no random numbers: the result
-    and its gradients then equal ``fn(x)``'s. Returns ``fn``'s output (a tensor or a tuple of
-    tensors) concatenated along the tokens."""
-    pieces = [(xc,) for xc in x.split(chunk, dim=1)]  # (B, <=chunk, ...) views
-    if positions is not None:
-        pieces = [(xc, pc) for (xc,), pc in zip(pieces, positions.split(chunk), strict=True)]
-    outs = [checkpoint(fn, *piece, use_reentrant=False) for piece in pieces]
-    if isinstance(outs[0], torch.Tensor):
-        return torch.cat(outs, dim=1)
-    return tuple(torch.cat(parts, dim=1) for parts in zip(*outs, strict=True))
+def tokenwise(fn, chunk: int, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to pieces of ``chunk`` tokens of ``x (B, N, ...)``, each piece
+    checkpointed: the forward keeps only the pieces' inputs (views of ``x``) and the backward
+    recomputes one piece at a time, so ``fn``'s intermediate activations exist for ``chunk``
+    tokens, never for N. ``fn`` must be token-wise (each output token depends on its input
+    token only) and draw no random numbers: the result and its gradients then equal
+    ``fn(x)``'s. Returns the pieces' outputs concatenated along the tokens."""
+    pieces = x.split(chunk, dim=1)  # (B, <=chunk, ...) views
+    return torch.cat([checkpoint(fn, xc, use_reentrant=False) for xc in pieces], dim=1)
 
 
 class TransformerLM(nn.Module):

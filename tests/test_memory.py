@@ -31,16 +31,17 @@ def test_chunked_loss_equals_the_plain_one(chunk):
 
 
 class LargestTensor(TorchDispatchMode):
-    """The largest number of elements of any tensor an op returns."""
+    """The largest number of elements of any tensor an op returns (whose last dimension is
+    ``last_dim``, when given)."""
 
-    def __init__(self):
+    def __init__(self, last_dim: int | None = None):
         super().__init__()
-        self.largest = 0
+        self.largest, self.last_dim = 0, last_dim
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and self.last_dim in (None, t.shape[-1:].numel()):
                 self.largest = max(self.largest, t.numel())
         return out
 
@@ -100,16 +101,16 @@ def test_bad_settings_are_rejected(overrides, message):
 
 
 def test_sublayer_recomputation_never_holds_a_whole_feed_forward():
-    """With ``checkpointing=sublayer`` the feed-forward and the projections run on pieces of
-    ``recompute_chunk`` tokens in the forward and in the recomputation: no tensor of
-    N x d_ff exists, which every other mode makes."""
+    """With ``checkpointing=sublayer`` the feed-forward runs on pieces of ``recompute_chunk``
+    tokens in the forward and in the recomputation: no N x d_ff tensor exists, which every
+    other mode makes."""
     n, d_ff = 512, 64
     largest = {}
     for mode in ("none", "layer", "sublayer"):
         torch.manual_seed(0)
         model = TransformerLM(small(checkpointing=mode, recompute_chunk=16))
         tokens = torch.randint(0, 512, (1, n + 1), generator=torch.Generator().manual_seed(1))
-        with LargestTensor() as seen:
+        with LargestTensor(last_dim=d_ff) as seen:
             hidden = model.hidden(tokens[:, :-1])
             chunked_nll(hidden[0], model.lm_head.weight, tokens[0, 1:], 32).mean().backward()
         largest[mode] = seen.largest

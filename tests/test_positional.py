@@ -15,9 +15,9 @@ from models.positional import (
 )
 
 
-def xpos_naive(x, positions, scale_base, sign):
+def xpos_naive(x, positions, scale_base, sign, centre=0.0):
     """The definition in float64, positions measured from 0: rotate, then scale by
-    zeta ** (sign * p / gamma). Overflows for long sequences, which is the point."""
+    zeta ** (sign * (p - centre) / gamma). Overflows for long sequences, which is the point."""
     x = x.double()
     D = x.shape[-1]
     theta = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
@@ -25,7 +25,7 @@ def xpos_naive(x, positions, scale_base, sign):
     x1, x2 = x.chunk(2, -1)
     cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
     rot = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)
-    scale = xpos_zeta(D)[None, :] ** (sign * positions.double()[:, None] / scale_base)
+    scale = xpos_zeta(D)[None, :] ** (sign * (positions.double()[:, None] - centre) / scale_base)
     return rot * scale.repeat(1, 2)[None, :, None]
 
 
@@ -46,6 +46,32 @@ def test_xpos_products_equal_the_definition(anchor):
     block = pos // (anchor or n)
     same = block[:, None] == block[None, :]
     torch.testing.assert_close(got[..., same], want[..., same], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["xpos", "rope"])
+def test_rotation_gradients_equal_autograd_of_the_definition(kind):
+    """The rotation's hand-written backward (it keeps only its tables) against autograd
+    through the textbook formula, float64; and q, k of a non-contiguous view, as the model
+    passes them."""
+    gen = torch.Generator().manual_seed(2)
+    n, pos = 40, torch.arange(40)
+    qkv = torch.randn(1, n, 3, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    g_q, g_k = (torch.randn(1, n, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    q, k, _ = qkv.unbind(2)
+    if kind == "xpos":
+        qa, ka = apply_xpos(q, k, pos, scale_base=32.0, anchor=None)
+        centre = (n - 1) / 2  # no anchor: the whole sequence's centre
+        qw, kw = xpos_naive(q, pos, 32.0, +1, centre), xpos_naive(k, pos, 32.0, -1, centre)
+    else:
+        qa, ka = apply_rope(q, k, pos)
+        qw, kw = xpos_naive(q, pos, math.inf, 1), xpos_naive(k, pos, math.inf, 1)
+    torch.testing.assert_close(qa, qw, atol=1e-12, rtol=1e-12)
+    got = torch.autograd.grad(((qa * g_q).sum() + (ka * g_k).sum()), qkv)[0]
+    want = torch.autograd.grad(((qw * g_q).sum() + (kw * g_k).sum()), qkv)[0]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: apply_rope(x, x, pos[:6])[0],
+                                    torch.randn(1, 6, 1, 4, dtype=torch.float64,
+                                                requires_grad=True))  # fmt: skip
 
 
 def test_rope_products_are_relative():
