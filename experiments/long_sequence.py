@@ -7,7 +7,9 @@ A step is what train.py does on one sequence: forward, loss, backward, an AdamW 
 ``plain`` (no checkpointing, the whole N x vocab logits: the loss as it was before #13),
 ``chunked`` (the chunked output layer and loss only), ``saving`` (chunked loss and
 ``model.checkpointing=layer``) and ``sublayer`` (chunked loss and
-``model.checkpointing=sublayer``). Each (N, mode) runs in its own process, so that its peak
+``model.checkpointing=sublayer``). The step time is the median of ``--repeats`` steps up to
+128K tokens (the first included: a step at long N is dominated by work, not warm-up), one
+step beyond. Each (N, mode) runs in its own process, so that its peak
 memory (resident-set growth above the process after building the model, sampled; see
 attention_scaling.py) is its own, and a length the machine cannot hold (the kernel kills the
 process) is reported as not reached rather than ending the run. Prints a markdown table of
@@ -37,6 +39,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +66,8 @@ def step(model, optimizer, tokens: torch.Tensor, mode: str, chunk: int) -> float
     return float(loss.detach())
 
 
-def _measure(n: int, mode: str, model_name: str, chunk: int, threads: int, queue) -> None:
+def _measure(n: int, mode: str, model_name: str, chunk: int, threads: int, repeats: int,
+             queue) -> None:  # fmt: skip
     import dataclasses
 
     from models.transformer import TransformerLM
@@ -76,19 +80,24 @@ def _measure(n: int, mode: str, model_name: str, chunk: int, threads: int, queue
     model = TransformerLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, cfg.vocab_size, (1, n + 1))
+    seconds = []
     with PeakMemory(torch.device("cpu")) as mem:
-        start = time.perf_counter()
-        loss = step(model, optimizer, tokens, mode, chunk)
-        seconds = time.perf_counter() - start
-    queue.put({"n": n, "mode": mode, "status": "ok", "step_s": seconds, "loss": loss,
-               "peak_mib": mem.peak / 2**20})  # fmt: skip
+        for _ in range(repeats):
+            start = time.perf_counter()
+            loss = step(model, optimizer, tokens, mode, chunk)
+            seconds.append(time.perf_counter() - start)
+    queue.put({"n": n, "mode": mode, "status": "ok", "step_s": float(np.median(seconds)),
+               "steps": len(seconds), "loss": loss, "peak_mib": mem.peak / 2**20})  # fmt: skip
 
 
 def measure(n: int, mode: str, args) -> dict:
     """One (N, mode) in a fresh process; a killed process is a length not reached."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(n, mode, args.model, args.chunk, args.threads, queue))
+    repeats = args.repeats if n <= args.repeat_up_to else 1
+    proc = ctx.Process(
+        target=_measure, args=(n, mode, args.model, args.chunk, args.threads, repeats, queue)
+    )
     proc.start()
     proc.join()
     if proc.exitcode != 0 or queue.empty():
@@ -171,6 +180,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="longnet_tiny", help="a name in configs/model/")
     p.add_argument("--chunk", type=int, default=8192, help="loss_chunk: tokens per chunk")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=3, help="steps timed (median) at N <= ...")
+    p.add_argument("--repeat-up-to", type=int, default=128 * K, help="... this; longer: one")
     p.add_argument("--out", type=Path, default=Path("runs/longseq"))
     p.add_argument("--targets", nargs="+", default=["longnet_base", "longnet_2_7b"],
                    help="configs in configs/model/ to estimate for")  # fmt: skip

@@ -72,9 +72,30 @@ def test_long_sequence_micro(tmp_path, capsys):
     """Each (N, mode) in its own process: the memory savers lower the peak per token."""
     from experiments import long_sequence
 
-    long_sequence.main(["--lengths", "2048", "--chunk", "512", "--out", str(tmp_path)])
+    long_sequence.main(["--lengths", "2048", "--chunk", "512", "--out", str(tmp_path),
+                        "--repeats", "1"])  # fmt: skip
     rows = {r["mode"]: r for r in json.loads((tmp_path / "longseq.json").read_text())}
     assert all(r["status"] == "ok" for r in rows.values())
     assert rows["saving"]["peak_mib"] < rows["plain"]["peak_mib"]
-    assert rows["saving"]["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5)
-    assert "| 2K | saving | ok |" in capsys.readouterr().out
+    for mode in ("chunked", "saving", "sublayer"):
+        assert rows[mode]["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5)
+    out = capsys.readouterr().out
+    assert "| 2K | saving | ok |" in out and "| longnet_2_7b |" in out
+
+
+def test_long_sequence_estimate_splits_what_each_mode_keeps():
+    """The estimate's coefficients reproduce the measured model, and scale as documented."""
+    from experiments.long_sequence import coefficients, estimate
+
+    mib = lambda n, per_token: {"peak_mib": n * per_token / 2**20}  # noqa: E731
+    rows = [{"n": 4096, "mode": m, "status": "ok", **mib(4096, b)}
+            for m, b in (("plain", 200e3), ("chunked", 100e3), ("saving", 30e3),
+                         ("sublayer", 20e3))]  # fmt: skip
+    coef = coefficients(rows, "longnet_tiny")  # 4 layers x 256, V = 8192
+    assert coef["chunked"][0] * 4 * 256 == pytest.approx(100e3)
+    assert coef["logits"][0] * 8192 == pytest.approx(100e3)
+    assert coef["saving"] == (4.0, pytest.approx(30e3 / 256 - 16))
+    assert coef["sublayer"][0] * 4 * 256 + coef["sublayer"][1] * 256 == pytest.approx(20e3)
+    table = estimate(rows, "longnet_tiny", ["longnet_tiny"], 24e9, 512)
+    longest = [int(line.split("|")[6].strip()[:-1]) for line in table.splitlines()[2:]]
+    assert longest == sorted(longest)  # plain, chunked, saving, sublayer: longer each time
