@@ -26,6 +26,13 @@ class DataConfig:
     val_fraction: float = 0.05  # of documents, assigned by a hash of the document's name
     test_fraction: float = 0.05  # of documents, likewise
     seed: int = 1234  # order of training windows
+    recall_keys: int = 128  # recall: distinct keys (a sequence uses each at most once)
+    recall_values: int = 64  # recall: distinct values
+    recall_filler: int = 16  # recall: filler tokens (the noise between records and queries)
+    recall_records: int = 24  # recall: records (each queried once) per seq_len tokens
+    recall_min_distance: int = 4  # recall: shortest record-to-query distance, tokens
+    recall_max_distance: int | None = None  # recall: longest (log-uniform between); null: seq_len
+    recall_eval_sequences: int = 256  # recall: held-out sequences per validation / test set
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -42,7 +49,11 @@ class DataConfig:
             or (self.num_workers < 0)
         ):
             raise ValueError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
-        if self.vocab_size < 257:
+        if self.source == "recall":
+            from data.recall import check_layout
+
+            check_layout(self)
+        elif self.vocab_size < 257:
             raise ValueError(
                 f"data.vocab_size must be at least 257 (bytes + end of document), "
                 f"got {self.vocab_size}"

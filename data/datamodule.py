@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from data.config import DataConfig
 from data.corpus import Corpus, prepare
+from data.recall import Layout, RecallSet, RecallStream
 from data.windows import DocumentWindows, PackedWindows
 
 
@@ -25,23 +26,30 @@ class LongContextDataModule(L.LightningDataModule):
         self.context_parallel = context_parallel
         self.corpus: Corpus | None = None
         self.batches_consumed = 0  # training batches delivered to the model on this rank
+        # data.source=recall: generated sequences, no corpus (data/recall.py)
+        self.recall = Layout.of(self.config) if self.config.source == "recall" else None
 
     # -- preparation -------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        prepare(self.config)  # builds the cache once (rank 0); a no-op when it exists
+        if self.recall is None:
+            prepare(self.config)  # builds the cache once (rank 0); a no-op when it exists
 
     def setup(self, stage: str | None = None) -> None:
-        if self.corpus is None:
+        if self.corpus is None and self.recall is None:
             self.corpus = prepare(self.config)
 
     @property
     def vocab_size(self) -> int:
+        if self.recall is not None:
+            return self.recall.vocab_size
         self.setup()
         return self.corpus.vocab_size
 
     def save_tokenizer(self, directory: str | Path) -> Path:
         """Copies the tokenizer beside a run's checkpoints, so they always find it."""
+        if self.recall is not None:
+            return self.recall.save_tokenizer(Path(directory) / "tokenizer.json")
         self.setup()
         target = Path(directory) / "tokenizer.json"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +71,9 @@ class LongContextDataModule(L.LightningDataModule):
         cfg = self.config
         if rank is None:
             rank, world_size = self._rank()
+        if self.recall is not None:
+            return RecallStream(self.recall, cfg.seed, cfg.batch_size, cfg.num_workers, rank,
+                                world_size, skip_batches=self.batches_consumed)  # fmt: skip
         return PackedWindows(
             self.corpus.split("train"),
             cfg.seq_len,
@@ -98,6 +109,10 @@ class LongContextDataModule(L.LightningDataModule):
         return self._loader(self.train_dataset())
 
     def eval_dataset(self, split: str = "val", seq_len: int | None = None):
+        if self.recall is not None:  # held-out sequences, distances drawn as in training
+            cfg = self.config
+            return RecallSet(self.recall, cfg.seed, split, cfg.recall_eval_sequences,
+                             seq_len or cfg.seq_len)  # fmt: skip
         self.setup()
         return DocumentWindows(
             self.corpus.split(split), seq_len or self.config.seq_len, split_name=split

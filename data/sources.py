@@ -29,7 +29,7 @@ import datasets
 
 log = logging.getLogger(__name__)
 
-Source = Literal["stdlib_code", "text_dir", "hf"]
+Source = Literal["stdlib_code", "text_dir", "hf", "recall"]  # recall: data/recall.py
 SOURCES = get_args(Source)
 STDLIB_EXCLUDED = ("site-packages", "encodings", "pydoc_data", "__pycache__")
 

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from data.recall import IGNORE
 from models.loss import chunked_nll
 from models.transformer import ModelConfig, TransformerLM
 
@@ -114,14 +115,21 @@ class CausalLM(L.LightningModule):
         return x[:, j * n : (j + 1) * n]
 
     def nll(self, batch: dict) -> torch.Tensor:
-        """Per-token negative log-likelihood ``(B, N)`` in float32, of this rank's slice of the
-        window when the window is split across ranks."""
+        """Negative log-likelihood ``(T,)`` in float32 of the scored tokens of this rank's slice
+        of the window (all of them, or those whose label is not ``IGNORE``: label masking, as
+        ``data.source=recall`` scores only answers)."""
+        return self._scored(batch)[0]
+
+    def _scored(self, batch: dict):
+        """(nll (T,), hidden (T, C)) of the scored tokens of this rank's slice."""
         inputs, labels = self._local(batch["input_ids"]), self._local(batch["labels"])
-        hidden = self.model.hidden(inputs, group=self.cp_group)  # (B, N, C): no N x V logits
-        weight = self.model.lm_head.weight
-        return chunked_nll(hidden.flatten(0, 1), weight, labels.flatten(), self.loss_chunk).view_as(
-            labels
-        )
+        hidden = self.model.hidden(inputs, group=self.cp_group).flatten(0, 1)  # (B*N, C)
+        labels = labels.flatten()
+        if "distances" in batch:  # a masked source: keep the scored rows only
+            keep = labels != IGNORE
+            hidden, labels = hidden[keep], labels[keep]
+        weight = self.model.lm_head.weight  # no N x V logits: the loss runs in chunks
+        return chunked_nll(hidden, weight, labels, self.loss_chunk), hidden, labels
 
     # -- training ----------------------------------------------------------------------------
 
@@ -132,7 +140,7 @@ class CausalLM(L.LightningModule):
         else:
             # the window's mean loss is the sum over its P slices; data parallelism averages
             # gradients over all ranks, so each slice's term is scaled by P
-            tokens = batch["labels"].numel()
+            tokens = (batch["labels"] != IGNORE).sum()
             loss = nll.sum() * (self.context_parallel / tokens)
             window_loss = nll.detach().sum()
             dist.all_reduce(window_loss, group=self.cp_group)
@@ -167,21 +175,27 @@ class CausalLM(L.LightningModule):
     # -- validation: sums, not means ---------------------------------------------------------
 
     def on_validation_epoch_start(self):
-        self._nll_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        self._nll_sum, self._tokens, self._correct = zero(), zero(), zero()
 
     def validation_step(self, batch: dict, batch_idx: int):
-        nll = self.nll(batch)
+        nll, hidden, labels = self._scored(batch)
         self._nll_sum += nll.double().sum()
         self._tokens += nll.numel()
+        if "distances" in batch:  # answers only: few rows, their logits are small
+            predicted = (hidden @ self.model.lm_head.weight.t()).argmax(-1)
+            self._correct += (predicted == labels).sum()
 
     def on_validation_epoch_end(self):
-        nll_sum = self.trainer.strategy.reduce(self._nll_sum, reduce_op="sum")
-        tokens = self.trainer.strategy.reduce(self._tokens, reduce_op="sum")
+        reduce = lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")  # noqa: E731
+        nll_sum, tokens = reduce(self._nll_sum), reduce(self._tokens)
         loss = nll_sum / tokens.clamp(min=1)
         self.log("val/loss", loss.float(), sync_dist=False, prog_bar=True)
         self.log("val/ppl", loss.exp().float(), sync_dist=False, prog_bar=True)
         self.log("val/tokens", tokens.float(), sync_dist=False)
+        if getattr(self.trainer.datamodule, "recall", None) is not None:
+            accuracy = reduce(self._correct) / tokens.clamp(min=1)
+            self.log("val/accuracy", accuracy.float(), sync_dist=False, prog_bar=True)
 
     # -- optimiser ---------------------------------------------------------------------------
 

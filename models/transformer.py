@@ -13,6 +13,7 @@ computed for the length seen, so a model trained at one length runs at any other
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, get_args
@@ -24,7 +25,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention.backends import flash_unsupported
-from models.attention.dilated import check_coverage, dilated_attention, validate_schedule
+from models.attention.dilated import (
+    check_coverage,
+    dilated_attention,
+    unattended_offsets,
+    validate_schedule,
+)
 from models.attention.sliding import blockwise_attention, check_window, sliding_window_attention
 from models.attention.sparse import (
     check_pattern,
@@ -39,6 +45,8 @@ PositionKind = Literal["xpos", "rope", "none"]
 NormKind = Literal["subln", "pre"]
 CheckpointingKind = Literal["none", "layer", "sublayer"]
 ATTENTIONS, POSITIONS, NORMS = (get_args(t) for t in (AttentionKind, PositionKind, NormKind))
+log = logging.getLogger(__name__)
+_SAID: set = set()  # (schedule, n_head) whose unattended offsets were logged
 CHECKPOINTING = get_args(CheckpointingKind)
 
 
@@ -267,6 +275,15 @@ class TransformerLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+        pairs = tuple(zip(config.segment_lengths, config.dilation_rates, strict=True))
+        if config.attention == "dilated" and (pairs, config.n_head) not in _SAID:
+            _SAID.add((pairs, config.n_head))  # once per schedule and head count per process
+            for gap in unattended_offsets(pairs, config.n_head):
+                log.warning(
+                    "dilated schedule: %s; a query reaches those keys only through other pairs "
+                    "or layers (n_head >= r attends them all)",
+                    gap,
+                )
 
     def reset_parameters(self) -> None:
         """MAGNETO (subln): Xavier-normal weights, those of v, out_proj, fc1, fc2 times

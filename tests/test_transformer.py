@@ -155,3 +155,27 @@ def test_forward_reads_no_tensor_value_on_the_host(attention, position):
         with torch.no_grad():
             logits = model(torch.zeros(2, 40, dtype=torch.long))
     assert logits.shape == (2, 40, 64)
+
+
+def test_building_a_dilated_model_says_what_its_heads_leave_out(caplog):
+    """r > n_head: the pair never attends r - n_head of its offsets; said once per pair."""
+    import logging
+
+    from models import transformer
+    from models.transformer import ModelConfig, TransformerLM
+
+    schedule = dict(segment_lengths=[8, 16, 48], dilation_rates=[1, 4, 12])
+    transformer._SAID.clear()
+    with caplog.at_level(logging.WARNING, logger="models.transformer"):
+        TransformerLM(
+            ModelConfig(vocab_size=64, d_model=32, n_head=4, n_layer=1, d_ff=64, **schedule)
+        )
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1
+    assert "pair (w=48, r=12) with n_head=4 never attends 8 of its 12 offsets (67%" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="models.transformer"):
+        TransformerLM(
+            ModelConfig(vocab_size=64, d_model=48, n_head=12, n_layer=1, d_ff=64, **schedule)
+        )
+    assert not caplog.records

@@ -65,6 +65,19 @@ def validate_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[i
 
 
 @lru_cache(maxsize=256)
+def unattended_offsets(pairs: Schedule, n_head: int) -> list[str]:
+    """What the heads leave out: pair ``(w, r)`` keeps, in each segment, the offsets ``h mod r``
+    of heads ``h < n_head``; with ``r > n_head``, ``r - n_head`` of its ``r`` offsets (that
+    fraction of every segment's positions) are never attended by that pair, for any head. One
+    sentence per such pair (none when every rate is at most ``n_head``)."""
+    return [
+        f"pair (w={w}, r={r}) with n_head={n_head} never attends {r - n_head} of its {r} "
+        f"offsets ({(r - n_head) / r:.0%} of each segment's positions)"
+        for w, r in pairs
+        if r > n_head
+    ]
+
+
 def check_coverage(pairs: Schedule, n_head: int, seq_len: int | None = None) -> None:
     """Rejects a schedule under which some (head, position) would attend nothing.
 
