@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline import recall_probe
 from pipeline import scoring as sc
 from pipeline.progress import Progress
 from pipeline.report import line_plot, markdown_table
@@ -59,6 +60,19 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
                 f"only; {model.name} has attention={model.net.config.attention!r}"
             )
         model.group, model.loss_chunk = group, cfg.loss_chunk
+    first = group is None or dist.get_rank(group) == 0  # the one that reports and writes
+    for model in models:
+        if first:
+            recall_probe.say_reach(model.name, model.net.config, lengths[-1])
+    recall = [m.data.source == "recall" for m in models]
+    if any(recall):
+        if not all(recall) or group is not None:
+            raise ConfigError(
+                "recall checkpoints are scored by answer accuracy, one process, on their own: "
+                f"got {[m.name for m, r in zip(models, recall, strict=True) if not r]} "
+                f"(language models) with them, context_parallel={cfg.context_parallel}"
+            )
+        return evaluate_recall(models, lengths, cfg, device)
     names = [split_for(m, cfg.split) for m in models]
     splits = [sc.corpus_split(m, s) for m, s in zip(models, names, strict=True)]
     docs = [sc.check_lengths(s, lengths, n) for s, n in zip(splits, names, strict=True)]
@@ -66,7 +80,6 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
         docs = [dd[: cfg.max_documents] for dd in docs]
     prompts = [p for p in lengths if p >= cfg.suffix]
     results = []
-    first = group is None or dist.get_rank(group) == 0  # the one that reports and writes
     for model, split, dd, name in zip(models, splits, docs, names, strict=True):
         scored = [split.names[d] for d in dd]
         if first:
@@ -78,6 +91,30 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
     if first:
         write_outputs(results, lengths, cfg, names, Path(cfg.out_dir))
     return results
+
+
+def evaluate_recall(models, lengths, cfg: EvalConfig, device) -> list[dict]:
+    """Answer accuracy by (length, distance) of recall checkpoints (pipeline/recall_probe.py),
+    written into out_dir all at once."""
+    rows = []
+    for model in models:
+        log.info("%s: recall accuracy at lengths %s", model.name, lengths)
+        rows += recall_probe.score(model, lengths, cfg.distances, cfg.recall_sequences,
+                                   cfg.batch_tokens, device)  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="eval-"))
+    written = recall_probe.write(rows, models, tmp)
+    _move(tmp, Path(cfg.out_dir))
+    print("answer accuracy by record-to-query distance (held-out test stream)")
+    print(recall_probe.table(rows))
+    print(f"wrote {cfg.out_dir}/" + ", ".join(written))
+    return rows
+
+
+def _move(tmp: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        shutil.move(str(f), out_dir / f.name)
+    tmp.rmdir()
 
 
 def context_group(processes: int, device: torch.device):
@@ -171,10 +208,7 @@ def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path)
     line_plot(tmp / "prompting.png", {r.label: r.prompting for r in results},
               "prompt length (tokens)", f"mean NLL of the final {cfg.suffix} tokens", corpus,
               fontsize=7)  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in tmp.iterdir():
-        shutil.move(str(f), out_dir / f.name)
-    tmp.rmdir()
+    _move(tmp, out_dir)
     print(table(results, lengths, title))
     print(f"wrote {out_dir}/ppl_vs_context.{{csv,json,png}}, prompting.{{csv,png}}, "
           "positions.csv, documents.csv")  # fmt: skip

@@ -123,9 +123,13 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     context_parallel: int = 1  # processes splitting each window: run with torchrun, P of them
     loss_chunk: int = 8192  # tokens per chunk of the output layer and loss
+    recall_sequences: int = 32  # recall checkpoints: held-out sequences per (length, distance)
+    distances: list[int] | None = None  # recall: record-to-query distances; null: 16, 32, ...
     data: EvalData = field(default_factory=EvalData)  # another corpus to score (null: own)
 
     def __post_init__(self):
+        if self.recall_sequences < 1:
+            raise ValueError(f"recall_sequences must be at least 1, got {self.recall_sequences}")
         lengths = list(self.context_lengths)
         if not self.checkpoints or not lengths or min(lengths) < 1 or self.suffix < 1:
             raise ValueError(

@@ -155,3 +155,76 @@ def test_recall_run_trains_logs_accuracy_and_resumes_exactly(tiny_args, tmp_path
     accuracy = metric(straight, "val/accuracy")
     assert accuracy and all(0.0 <= v <= 1.0 for v in accuracy.values())
     assert '"SET"' in (straight / "tokenizer.json").read_text()
+    from pipeline.evaluation import evaluate
+
+    out = tmp_path / "eval"
+    rows = evaluate([f"checkpoints=[{straight}/checkpoints/last.ckpt]", "context_lengths=[64]",
+                     f"out_dir={out}", "recall_sequences=2"])  # fmt: skip
+    assert [r["distance"] for r in rows] == [16, 32] and (out / "recall_heatmap.png").exists()
+
+
+class Oracle(torch.nn.Module):
+    """Reads the answer off the sequence (the most recent ``SET key value`` of the key it
+    sits on) and puts all its logit there; ``scale=0`` makes it uniform."""
+
+    def __init__(self, layout: Layout, scale: float = 1.0):
+        super().__init__()
+        self.layout, self.scale = layout, scale
+        self.lm_head = torch.nn.Linear(layout.vocab_size, layout.vocab_size, bias=False)
+        self.lm_head.weight.data = torch.eye(layout.vocab_size)
+        from models.transformer import ModelConfig
+
+        self.config = ModelConfig(vocab_size=layout.vocab_size, attention="dense")
+
+    def hidden(self, tokens):
+        out = torch.zeros(*tokens.shape, self.layout.vocab_size)
+        for b, row in enumerate(tokens.tolist()):
+            seen = {}
+            for i in range(1, len(row) - 1):
+                if row[i - 1] == self.layout.set_id:
+                    seen[row[i]] = row[i + 1]
+                if row[i - 1] == self.layout.ask_id and row[i] in seen:
+                    out[b, i, seen[row[i]]] = 50.0 * self.scale
+        return out
+
+
+@pytest.mark.parametrize("scale,accuracy", [(1.0, 1.0), (0.0, None)])
+def test_recall_accuracy_of_an_oracle_and_a_uniform_model(scale, accuracy, tmp_path):
+    """The oracle answers every query (accuracy 1, NLL ~0); the uniform model scores NLL
+    log(vocab) exactly and the accuracy of always guessing token 0 (never an answer)."""
+    from pipeline import recall_probe
+    from pipeline.scoring import Model
+
+    layout = Layout(keys=32, values=16, filler=4, records=8, seq_len=64)
+    data = DataConfig(source="recall", seq_len=64, recall_keys=32, recall_values=16,
+                      recall_filler=4, recall_records=8)  # fmt: skip
+    model = Model("oracle", Oracle(layout, scale), 64, data, label="oracle")
+    rows = recall_probe.score(model, [64, 128], None, 4, 256, torch.device("cpu"))
+    assert {(r["length"], r["distance"]) for r in rows} == {(64, 16), (64, 32), (128, 16),
+                                                            (128, 32), (128, 64)}  # fmt: skip
+    for r in rows:
+        assert r["queries"] > 0 and r["note"] == ""
+        if accuracy == 1.0:
+            assert r["accuracy"] == 1.0 and r["nll"] < 1e-6
+        else:
+            assert r["accuracy"] == 0.0
+            assert r["nll"] == pytest.approx(math.log(layout.vocab_size), rel=1e-6)
+    written = recall_probe.write(rows, [model], tmp_path)
+    assert all((tmp_path / f).exists() for f in written)
+    assert "| oracle | 128 |" in recall_probe.table(rows)
+
+
+def test_eval_says_distances_past_the_largest_segment_are_unreachable(caplog):
+    import logging
+
+    from models.transformer import ModelConfig
+    from pipeline.recall_probe import say_reach
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_head=4, n_layer=1, d_ff=64,
+                      segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="eval"):
+        say_reach("m", cfg, 64)
+        say_reach("m", cfg, 32)  # within the largest segment: nothing to say
+    assert [r.getMessage()[:45] for r in caplog.records] == [
+        "m: distances >= 32 (its largest segment) are "
+    ]
