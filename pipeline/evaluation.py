@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import recall_probe
+from pipeline import recall_probe, span_probe
 from pipeline import scoring as sc
 from pipeline.progress import Progress
 from pipeline.report import line_plot, markdown_table
@@ -161,6 +161,17 @@ def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet
                 res.positions = sc.position_buckets(mean)
         if prompts:
             res.prompting = sc.prompting(model, split, docs, prompts, cfg.suffix, device, bar)
+    reached = [n for n, a in res.lengths.items() if a.ppl is not None]
+    if cfg.span_windows and reached and reached[-1] >= 2 * cfg.span_length:
+        n = reached[-1]
+        starts = sc.windows_at(split, docs, n, cap)[: cfg.span_windows]
+        try:
+            res.span = span_probe.probe(model.net, sc.gather(split, starts, n, device),
+                                        cfg.span_length)  # fmt: skip
+        except (ValueError, RuntimeError) as err:
+            if sc.not_reached(err) is None:
+                raise
+            log.warning("%s: repeated-span probe not run at %d: %s", model.name, n, err)
     return res
 
 
@@ -200,6 +211,14 @@ def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path)
         {"model": r.label, "from": a, "to": b, "mean_nll": v}
         for r in results for a, b, v in r.positions
     ])  # fmt: skip
+    _csv(tmp / "repeated_span.csv", [
+        {"model": r.label, **row} for r in results for row in r.span
+    ])  # fmt: skip
+    line_plot(tmp / "repeated_span.png",
+              {r.label: {row["distance"]: row["drop"] for row in r.span} for r in results},
+              "distance of the earlier copy (tokens)", "NLL drop on the repeated span (nats)",
+              f"repeated-span probe: {cfg.span_length}-token spans, {corpus}",
+              fontsize=7)  # fmt: skip
     cap = cfg.max_tokens_per_document
     title = f"{corpus}; {sc.POLICY}" + (f"; first {cap} tokens of each" if cap else "")
     ppl_curves = {r.label: {n: a.ppl for n, a in r.lengths.items()} for r in results}
@@ -210,8 +229,19 @@ def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path)
               fontsize=7)  # fmt: skip
     _move(tmp, out_dir)
     print(table(results, lengths, title))
+    if any(r.span for r in results):
+        print(span_table(results))
     print(f"wrote {out_dir}/ppl_vs_context.{{csv,json,png}}, prompting.{{csv,png}}, "
-          "positions.csv, documents.csv")  # fmt: skip
+          "positions.csv, documents.csv, repeated_span.{csv,png}")  # fmt: skip
+
+
+def span_table(results) -> str:
+    dists = sorted({row["distance"] for r in results for row in r.span})
+    rows = [[r.label] + [next((f"{x['drop']:.3f}" for x in r.span if x["distance"] == d), "")
+                         for d in dists] for r in results]  # fmt: skip
+    return "repeated-span probe: NLL drop (nats/token) with an earlier copy d tokens back\n" + (
+        markdown_table(["model", *(f"d={d}" for d in dists)], rows)
+    )
 
 
 def table(results, lengths, title) -> str:

@@ -76,6 +76,7 @@ class Result:
     lengths: dict[int, AtLength] = field(default_factory=dict)
     prompting: dict[int, float] = field(default_factory=dict)  # P -> mean NLL (NaN: not run)
     positions: list = field(default_factory=list)  # (bucket start, bucket end, mean NLL)
+    span: list = field(default_factory=list)  # repeated-span probe rows (pipeline/span_probe)
 
 
 def not_reached(err: Exception) -> str | None:

@@ -123,11 +123,18 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     context_parallel: int = 1  # processes splitting each window: run with torchrun, P of them
     loss_chunk: int = 8192  # tokens per chunk of the output layer and loss
+    span_windows: int = 4  # repeated-span probe: windows at the longest length (0: off)
+    span_length: int = 32  # repeated-span probe: tokens in the repeated span
     recall_sequences: int = 32  # recall checkpoints: held-out sequences per (length, distance)
     distances: list[int] | None = None  # recall: record-to-query distances; null: 16, 32, ...
     data: EvalData = field(default_factory=EvalData)  # another corpus to score (null: own)
 
     def __post_init__(self):
+        if self.span_windows < 0 or self.span_length < 2:
+            raise ValueError(
+                f"span_windows must be >= 0 and span_length >= 2, got {self.span_windows}, "
+                f"{self.span_length}"
+            )
         if self.recall_sequences < 1:
             raise ValueError(f"recall_sequences must be at least 1, got {self.recall_sequences}")
         lengths = list(self.context_lengths)

@@ -1,0 +1,48 @@
+"""The repeated-span probe: how far back a language model actually looks, without training.
+
+In a held-out window of L tokens, the last ``span`` tokens are a span S. The probe copies S
+``d`` tokens earlier (overwriting the text there) and measures the mean NLL of S's tokens after
+its first, with and without the earlier copy. A model that uses context at distance d predicts
+the repeated span better (the NLL drops); one that cannot see d tokens back gains nothing. The
+*drop* (NLL without - NLL with, nats per token) is reported for d on a grid of powers of two
+from ``span`` to ``L - span``, over the first ``windows`` in-document windows of the split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distances(length: int, span: int) -> list[int]:
+    """Powers of two from ``span`` up to ``length - span`` (the copy must fit before S)."""
+    return [d for d in (2**k for k in range(40)) if span <= d <= length - span]
+
+
+@torch.no_grad()
+def span_nll(net, inputs: torch.Tensor, start: int, span: int) -> torch.Tensor:
+    """``(W,)`` mean NLL of tokens ``start + 1 .. start + span - 1`` of ``inputs (W, L)``, each
+    given everything before it (positions ``start .. start + span - 2`` predict them)."""
+    hidden = net.hidden(inputs)[:, start : start + span - 1]  # (W, span - 1, C): small
+    logp = F.log_softmax((hidden @ net.lm_head.weight.t()).float(), dim=-1)
+    targets = inputs[:, start + 1 : start + span]
+    return -logp.gather(-1, targets[..., None]).squeeze(-1).double().mean(-1)
+
+
+def probe(net, windows: torch.Tensor, span: int = 32) -> list[dict]:
+    """Rows ``{distance, windows, nll_without, nll_with, drop}`` for ``windows (W, L + 1)``
+    (only the L inputs are used)."""
+    inputs = windows[:, :-1]
+    length = inputs.shape[1]
+    start = length - span  # S = inputs[:, start:]
+    one_by_one = lambda x: torch.cat([span_nll(net, w[None], start, span) for w in x])  # noqa: E731
+    without = one_by_one(inputs)  # (W,): windows run one at a time (L may be long)
+    rows = []
+    for d in distances(length, span):
+        copied = inputs.clone()
+        copied[:, start - d : start - d + span] = inputs[:, start:]
+        with_copy = one_by_one(copied)
+        rows.append({"distance": d, "windows": int(inputs.shape[0]),
+                     "nll_without": float(without.mean()), "nll_with": float(with_copy.mean()),
+                     "drop": float((without - with_copy).mean())})  # fmt: skip
+    return rows

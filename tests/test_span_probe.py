@@ -1,0 +1,54 @@
+"""The repeated-span probe: a model that copies shows the drop at every distance it can see;
+one that ignores context (a unigram model) shows none."""
+
+import pytest
+import torch
+
+from pipeline.span_probe import distances, probe
+
+
+class Copier(torch.nn.Module):
+    """An induction head written out: predicts the token that followed the most recent
+    earlier occurrence of the current token (within ``reach`` tokens); a unigram model when
+    ``reach`` is 0."""
+
+    def __init__(self, vocab: int, reach: int):
+        super().__init__()
+        self.vocab, self.reach = vocab, reach
+        self.lm_head = torch.nn.Linear(vocab, vocab, bias=False)
+        self.lm_head.weight.data = torch.eye(vocab)
+
+    def hidden(self, tokens):
+        out = torch.zeros(*tokens.shape, self.vocab)
+        for b, row in enumerate(tokens.tolist()):
+            last = {}
+            for i, t in enumerate(row):
+                if t in last and i - last[t] <= self.reach:
+                    out[b, i, row[last[t] + 1]] = 20.0
+                last[t] = i
+        return out
+
+
+def windows(n=3, length=256, vocab=2000):
+    return torch.randint(0, vocab, (n, length + 1), generator=torch.Generator().manual_seed(0))
+
+
+def test_grid():
+    assert distances(256, 32) == [32, 64, 128]
+    assert distances(2048, 32) == [32, 64, 128, 256, 512, 1024]
+
+
+@pytest.mark.parametrize("reach", [1000, 100])
+def test_a_copier_shows_the_drop_where_it_can_see(reach):
+    rows = probe(Copier(2000, reach), windows(), span=32)
+    assert [r["distance"] for r in rows] == [32, 64, 128]
+    for r in rows:
+        if r["distance"] <= reach - 32:  # every token of the copy within reach
+            assert r["drop"] > 5.0 and r["nll_with"] < 1.0, r  # rare chance repeats
+        elif r["distance"] > reach:
+            assert abs(r["drop"]) < 1e-9, r
+
+
+def test_a_unigram_model_shows_none():
+    for r in probe(Copier(2000, 0), windows(), span=32):
+        assert r["drop"] == 0.0 and r["windows"] == 3
