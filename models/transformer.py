@@ -69,6 +69,7 @@ class ModelConfig:
     attention: AttentionKind = "dilated"  # dilated is LongNet; dense, sparse, sliding the baselines
     segment_lengths: list[int] = _list(128, 256, 512, 1024, 2048)  # dilated: w, one per pair
     dilation_rates: list[int] = _list(1, 2, 4, 6, 12)  # dilated: r, one per pair
+    stretch_last: bool = False  # dilated: last pair spans the whole sequence, same keys per query
     window: int = 512  # sliding: keys per query
     blockwise: int | None = None  # dense only: blockwise causal attention with this block
     sparse_block: int = 128  # sparse: block length
@@ -163,7 +164,7 @@ class Attention(nn.Module):
         self.inner_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "subln" else nn.Identity()
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
         # XPOS needs an anchor block that every attended (query, key) pair shares
-        dilated = cfg.attention == "dilated"
+        dilated = cfg.attention == "dilated" and not cfg.stretch_last  # stretched: the sequence
         self.anchor = dilated_anchor(cfg.segment_lengths) if dilated else None
 
     def forward(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
@@ -192,7 +193,10 @@ class Attention(nn.Module):
         """(B, N, H, Dh) x3 -> (B, N, H, Dh), causal; with ``group``, N is this rank's slice."""
         cfg = self.cfg
         if cfg.attention == "dilated":
-            return dilated_attention(q, k, v, cfg.segment_lengths, cfg.dilation_rates, group=group)
+            if cfg.stretch_last and group is not None:
+                raise ValueError("model.stretch_last is not supported with sequence parallelism")
+            segments, rates = schedule_at(cfg, q.shape[1])
+            return dilated_attention(q, k, v, segments, rates, group=group)
         if cfg.attention == "sparse":
             return sparse_attention(q, k, v, cfg.sparse_block, cfg.sparse_summary)
         if cfg.attention == "sliding":
@@ -361,6 +365,20 @@ def n_params(config: ModelConfig, embeddings: bool = True) -> int:
     return total if embeddings else total - model.embed.weight.numel()
 
 
+def schedule_at(config: ModelConfig, n: int) -> tuple[list[int], list[int]]:
+    """The dilated schedule run on ``n`` tokens: the configured one or, with ``stretch_last``
+    and ``n`` beyond the last segment, that pair widened to the whole sequence (w = n) with its
+    rate scaled to keep the keys each kept query attends (r = ceil(r_last * n / w_last)): the
+    paper's rule of a fixed w / r per pair, applied to a segment that grows with the input.
+    Its rate then passes n_head, so the pair attends n_head of its r offsets (a warning says
+    which at build time only for the configured pairs)."""
+    w, r = list(config.segment_lengths), list(config.dilation_rates)
+    if config.stretch_last and n > w[-1]:
+        r[-1] = -(-r[-1] * n // w[-1])
+        w[-1] = n
+    return w, r
+
+
 def attended_keys(config: ModelConfig, seq_len: int) -> float:
     """Average number of keys a query attends per head (causal), for the attention type."""
     if config.attention == "dense":
@@ -370,9 +388,7 @@ def attended_keys(config: ModelConfig, seq_len: int) -> float:
         return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
     if config.attention == "sparse":
         return sparse_keys_per_query(config.sparse_block, config.sparse_summary, seq_len)
-    return dilated_keys_per_query(
-        config.segment_lengths, config.dilation_rates, seq_len, config.n_head
-    )
+    return dilated_keys_per_query(*schedule_at(config, seq_len), seq_len, config.n_head)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -179,3 +179,23 @@ def test_building_a_dilated_model_says_what_its_heads_leave_out(caplog):
             ModelConfig(vocab_size=64, d_model=48, n_head=12, n_layer=1, d_ff=64, **schedule)
         )
     assert not caplog.records
+
+
+def test_stretch_last_widens_the_last_pair_to_the_sequence():
+    """w = N and the same keys per kept query; the model runs beyond the configured segment,
+    equal to a model configured with that schedule (XPOS anchored on the whole sequence)."""
+    from models.transformer import ModelConfig, TransformerLM, attended_keys, schedule_at
+
+    base = dict(vocab_size=64, d_model=32, n_head=4, n_layer=1, d_ff=64,
+                segment_lengths=[8, 16], dilation_rates=[1, 2])  # fmt: skip
+    cfg = ModelConfig(**base, stretch_last=True)
+    assert schedule_at(cfg, 16) == ([8, 16], [1, 2]) and schedule_at(cfg, 64) == ([8, 64], [1, 8])
+    torch.manual_seed(0)
+    model = TransformerLM(cfg)
+    fixed = TransformerLM(ModelConfig(**{**base, "segment_lengths": [8, 64],
+                                         "dilation_rates": [1, 8]}))  # fmt: skip
+    fixed.load_state_dict(model.state_dict())
+    fixed.blocks[0].attn.anchor = None  # the stretched model anchors XPOS on the sequence
+    tokens = torch.randint(0, 64, (2, 64))
+    torch.testing.assert_close(model(tokens), fixed(tokens))
+    assert attended_keys(cfg, 64) == attended_keys(fixed.config, 64)

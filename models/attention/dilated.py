@@ -64,7 +64,6 @@ def validate_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[i
     return tuple(zip(segment_lengths, dilation_rates, strict=True))
 
 
-@lru_cache(maxsize=256)
 def unattended_offsets(pairs: Schedule, n_head: int) -> list[str]:
     """What the heads leave out: pair ``(w, r)`` keeps, in each segment, the offsets ``h mod r``
     of heads ``h < n_head``; with ``r > n_head``, ``r - n_head`` of its ``r`` offsets (that
@@ -78,6 +77,7 @@ def unattended_offsets(pairs: Schedule, n_head: int) -> list[str]:
     ]
 
 
+@lru_cache(maxsize=256)
 def check_coverage(pairs: Schedule, n_head: int, seq_len: int | None = None) -> None:
     """Rejects a schedule under which some (head, position) would attend nothing.
 
