@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick gpu-check seqpar longseq table2 ablate throughput clean
+.PHONY: demo test test-slow lint format bench bench-quick gpu-check seqpar longseq longrange table2 ablate throughput clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ seqpar: $(STAMP)
 	$(PY) -m experiments.sequence_parallel
 
 # one training step of the tiny LongNet at 32K-1M tokens, memory savers off and on (#13)
+longrange: $(STAMP)
+	$(PY) -m experiments.long_range
+
 longseq: $(STAMP)
 	$(PY) -m experiments.long_sequence
 

@@ -1,6 +1,7 @@
 """The studies of experiments/: configs build on meta, micro runs end to end, resumption."""
 
 import json
+import math
 
 import pytest
 import yaml
@@ -158,3 +159,58 @@ def test_set_overrides_every_run_and_is_checked():
     assert all(r["cfg"].seed == 7 and r["cfg"].model.n_layer == 2 for r in runs)
     with pytest.raises(study.ConfigError, match="unknown key model.n_layers"):
         paper_table2.plan(spec, ["model.n_layers=2"])
+
+
+def test_long_range_plan_builds_every_run(capsys):
+    """Every run of the long-range study resolves and builds (meta device), quick included."""
+    from experiments import long_range
+
+    assert long_range.main(["--dry-run"]) == {}
+    out = capsys.readouterr().out
+    assert out.count("plan: ") == 9 and "longnet_stretch: dilated" in out
+    long_range.main(["--dry-run", "--quick"])
+    assert capsys.readouterr().out.count("plan: ") == 2
+
+
+def test_long_range_area_is_the_mean_over_the_log_grid():
+    from experiments.long_range import area
+
+    rows = [{"length": 64, "distance": d, "accuracy": a, "note": ""}
+            for d, a in ((16, 1.0), (32, 0.5), (64, 0.0))]  # fmt: skip
+    assert area(rows, 64) == 0.5 and math.isnan(area(rows, 128))
+
+
+def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
+    from experiments import long_range
+
+    spec = {
+        "name": "micro_long_range",
+        "model": "configs/model/transformer_tiny.yaml",
+        "seq_len": 64,
+        "tokens_per_batch": 128,
+        "steps": 2,
+        "train": ["model.d_model=32", "model.n_layer=1", "model.d_ff=64", "data.source=recall",
+                  "data.recall_keys=16", "data.recall_values=8", "data.recall_records=4",
+                  "data.num_workers=0", "trainer.val_check_interval=2",
+                  "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false"],
+        "runs": {"dense": ["model.attention=dense"],
+                 "longnet": ["model.attention=dilated", "model.segment_lengths=[16,32]",
+                             "model.dilation_rates=[1,2]"]},
+        "quick": {"runs": ["dense"], "steps": 1},
+        "eval": {"context_lengths": [64, 128], "args": ["recall_sequences=2"]},
+    }  # fmt: skip
+    config = tmp_path / "long_range.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "study"
+    results = long_range.main(["--config", str(config), "--out", str(out)])
+    runs = {r["name"]: r for r in results["runs"]}
+    assert set(runs) == {"dense", "longnet"}
+    assert runs["dense"]["gflop"] > runs["longnet"]["gflop"] > 0
+    assert 0.0 <= runs["dense"]["area"] <= 1.0
+    assert {x["distance"] for x in runs["dense"]["recall"]} == {16, 32, 64}
+    assert "area per GFLOP" in (out / "table.md").read_text()
+    assert (out / "accuracy_vs_distance.png").stat().st_size > 0
+    capsys.readouterr()
+    long_range.main(["--config", str(config), "--out", str(out), "--only", "dense"])
+    log = capsys.readouterr().out
+    assert "finished before, skipped" in log and "evaluated before, skipped" in log

@@ -1,0 +1,156 @@
+"""Which attention reaches far? Train one small model per attention on ``data.source=recall``,
+then score answer accuracy against record-to-query distance.
+
+    python -m experiments.long_range                      # (make longrange)
+    python -m experiments.long_range --quick              # dense and one LongNet, fewer steps
+    python -m experiments.long_range --only dense --dry-run
+
+The study YAML (``configs/study/long_range_tiny.yaml``) names the model (width, depth, heads),
+the recall layout, the training length and token budget, and the runs: each a list of
+train.py overrides (the attention and its schedule) on top of the shared ones, all trained on
+the same tokens (the same seed and stream). Each run is then scored by eval.py's recall path
+(pipeline/recall_probe.py) at every evaluation length, on distances from 16 to the longest
+length, and costed by its attention FLOPs per token at the training length (``attended_keys``
+x 4 x d_model x n_layer: q.k and p.v, forward). Runs are ranked by the *area under accuracy
+against log2 distance* (the mean accuracy over the distance grid at the longest evaluation
+length: 1.0 reaches everything, chance reaches nothing) per attention GFLOP per token.
+
+Writes runs/<name>/table.md, results.json, accuracy_vs_distance.png; each run's eval/ holds
+recall.csv and its heatmap. Resumable like the other studies (experiments/study.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from experiments import study
+from models.transformer import attended_keys
+from pipeline.evaluation import evaluate
+from pipeline.report import line_plot, markdown_table
+from settings.cli import run_cli
+from settings.loading import ConfigError
+
+
+def plan(spec, extra: list[str] = (), quick: bool = False) -> list[dict]:
+    length, per = int(spec.seq_len), int(spec.tokens_per_batch)
+    if per % length:
+        raise ConfigError(f"tokens_per_batch={per} is not a multiple of seq_len={length}")
+    steps = int(spec.quick.steps if quick else spec.steps)
+    names = list(spec.quick.runs) if quick else list(spec.runs)
+    runs = []
+    for name in names:
+        if name not in spec.runs:
+            raise ConfigError(f"quick.runs names {name!r}, not one of {list(spec.runs)}")
+        argv = [
+            str(study.ROOT / spec.model),
+            *spec.train,
+            *spec.runs[name],
+            f"data.seq_len={length}",
+            f"data.batch_size={per // length}",
+            f"trainer.max_steps={steps}",
+            *extra,
+        ]
+        cfg = study.resolve(argv)
+        if cfg.data.source != "recall":
+            raise ConfigError(f"run {name}: the study needs data.source=recall")
+        study.build_on_meta(cfg)
+        runs.append({"name": name, "argv": argv, "cfg": cfg})
+    return runs
+
+
+def recall_eval(run_dir: Path, lengths: list[int], args: list[str]) -> list[dict]:
+    """eval.py's recall path on a run's last checkpoint into ``<run>/eval`` unless there."""
+    out = run_dir / "eval"
+    if (out / "recall.json").exists():
+        study.say(f"{run_dir.name}: evaluated before, skipped")
+    else:
+        study.say(f"{run_dir.name}: scoring recall at {lengths}")
+        evaluate([f"checkpoints=[{run_dir / 'checkpoints' / 'last.ckpt'}]",
+                  f"context_lengths=[{','.join(map(str, lengths))}]", f"out_dir={out}",
+                  *args])  # fmt: skip
+    return json.loads((out / "recall.json").read_text())
+
+
+def area(rows: list[dict], length: int) -> float:
+    """Mean accuracy over the distance grid at ``length`` (area under accuracy vs log2 d,
+    divided by the grid's span in octaves; the grid is evenly spaced in log2 d)."""
+    acc = [r["accuracy"] for r in rows if r["length"] == length and not r["note"]]
+    return sum(acc) / len(acc) if acc else math.nan
+
+
+def attention_gflop(cfg, seq_len: int) -> float:
+    """Attention FLOPs per token, forward (q.k and p.v), in GFLOP."""
+    m = cfg.model
+    return attended_keys(m, seq_len) * 4 * m.d_model * m.n_layer / 1e9
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default=str(study.ROOT / "configs/study/long_range_tiny.yaml"))
+    p.add_argument("--quick", action="store_true", help="the YAML's quick: runs and steps")
+    study.add_arguments(p)
+    a = p.parse_args(argv)
+    spec = study.load_study(a.config)
+    runs = study.select(plan(spec, a.set, a.quick), a.only, a.config)
+    for r in runs:
+        mflop = attention_gflop(r["cfg"], int(spec.seq_len)) * 1e3
+        study.say(f"plan: {r['name']}: {r['cfg'].model.attention} {mflop:.2f} MFLOP/token")
+    if a.dry_run:
+        return {}
+    study.set_threads(a.threads)
+    name = spec.name + ("_quick" if a.quick else "")
+    out = Path(a.out or study.ROOT / "runs" / name)
+    lengths = [int(n) for n in spec.eval.context_lengths]
+    start = time.perf_counter()
+    for i, r in enumerate(runs, 1):
+        study.say(f"[{i}/{len(runs)}] {r['name']}")
+        run_dir = out / r["name"]
+        r["train"] = study.train_run(run_dir, r["argv"])
+        r["recall"] = recall_eval(run_dir, lengths, list(spec.eval.args))
+    study.say(f"done in {time.perf_counter() - start:.0f} s (this invocation)")
+    return report(spec, runs, lengths, out, name)
+
+
+def report(spec, runs, lengths, out: Path, name: str) -> dict:
+    longest, n = lengths[-1], int(spec.seq_len)
+    for r in runs:
+        r["area"] = area(r["recall"], longest)
+        r["area_train_len"] = area(r["recall"], n)
+        r["gflop"] = attention_gflop(r["cfg"], n)
+        r["area_per_gflop"] = r["area"] / r["gflop"] if r["gflop"] else math.nan
+    ranked = sorted(runs, key=lambda r: -study.finite_or_inf(-r["area_per_gflop"]))
+    dists = sorted({x["distance"] for r in runs for x in r["recall"] if x["length"] == longest})
+    header = ["rank", "run", "attention", "attn MFLOP/token", f"area @{n}", f"area @{longest}",
+              "area per GFLOP"] + [f"d={d}" for d in dists]  # fmt: skip
+    rows = []
+    for i, r in enumerate(ranked, 1):
+        acc = {x["distance"]: x["accuracy"] for x in r["recall"] if x["length"] == longest}
+        rows.append([i, r["name"], r["cfg"].model.attention, r["gflop"] * 1e3, r["area_train_len"],
+                     r["area"], r["area_per_gflop"], *[acc.get(d) for d in dists]])  # fmt: skip
+    seconds = sum(r["train"]["train_seconds"] for r in runs)
+    text = [
+        f"# {name}: answer accuracy by distance, ranked by area per attention FLOP",
+        "",
+        f"Trained at {n} tokens for {runs[0]['cfg'].trainer.get('max_steps')} steps of "
+        f"{spec.tokens_per_batch} tokens on data.source=recall; accuracy at L={longest} over "
+        f"distances {dists[0]}..{dists[-1]} (area: the mean over the log2 grid). Training "
+        f"took {seconds:.0f} s in all. Measured {time.strftime('%Y-%m-%d')}.",
+        "",
+        markdown_table(header, rows),
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {r["name"]: {x["distance"]: x["accuracy"] for x in r["recall"]
+                          if x["length"] == longest} for r in runs}  # fmt: skip
+    line_plot(out / "accuracy_vs_distance.png", curves, "record-to-query distance (tokens)",
+              "answer accuracy", f"{name}: trained at {n}, scored at {longest}")  # fmt: skip
+    results = {"runs": [{k: v for k, v in r.items() if k != "cfg"} for r in ranked]}
+    return study.write_report(out, text, results, ["accuracy_vs_distance.png"])
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))
