@@ -139,13 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
     study.set_threads(a.threads)
     out = Path(a.out or study.ROOT / "runs" / spec.name)
     lengths = [int(n) for n in spec.eval.context_lengths]
-    start = time.perf_counter()
-    for i, r in enumerate(runs, 1):
-        study.say(f"[{i}/{len(runs)}] {r['name']}")
-        run_dir = out / r["name"]
-        r["train"] = study.train_run(run_dir, r["argv"])
+
+    def score(r, run_dir):
         r["eval"] = study.ppl_by_length(study.eval_run(run_dir, lengths, list(spec.eval.args)))
         r["prompting"] = study.prompting(run_dir)
+
+    study.train_and_score(runs, out, score)
     bench_n = int(spec.bench.seq_len)
     for r in runs:  # after training: the benchmark wants a quiet process
         m = r["cfg"].model
@@ -153,7 +152,6 @@ def main(argv: list[str] | None = None) -> dict:
         r["attn_ms_per_1k"] = attention_ms_per_1k(
             r["w"], r["r"], bench_n, m.n_head, m.d_model // m.n_head, int(spec.bench.repeats)
         )
-    study.say(f"done in {time.perf_counter() - start:.0f} s (this invocation)")
     return report(spec, runs, lengths, out)
 
 

@@ -106,13 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     name = spec.name + ("_quick" if a.quick else "")
     out = Path(a.out or study.ROOT / "runs" / name)
     lengths = [int(n) for n in spec.eval.context_lengths]
-    start = time.perf_counter()
-    for i, r in enumerate(runs, 1):
-        study.say(f"[{i}/{len(runs)}] {r['name']}")
-        run_dir = out / r["name"]
-        r["train"] = study.train_run(run_dir, r["argv"])
+
+    def score(r, run_dir):
         r["recall"] = recall_eval(run_dir, lengths, list(spec.eval.args))
-    study.say(f"done in {time.perf_counter() - start:.0f} s (this invocation)")
+
+    study.train_and_score(runs, out, score)
     return report(spec, runs, lengths, out, name)
 
 

@@ -100,14 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     study.set_threads(a.threads)
     lengths = [int(n) for n in spec.eval.context_lengths]
-    start = time.perf_counter()
-    for i, r in enumerate(runs, 1):
-        study.say(f"[{i}/{len(runs)}] {r['name']}")
-        r["train"] = study.train_run(out / r["name"], r["argv"])
-        r["eval"] = study.ppl_by_length(
-            study.eval_run(out / r["name"], lengths, list(spec.eval.args))
-        )
-    study.say(f"done in {time.perf_counter() - start:.0f} s (this invocation)")
+
+    def score(r, run_dir):
+        r["eval"] = study.ppl_by_length(study.eval_run(run_dir, lengths, list(spec.eval.args)))
+
+    study.train_and_score(runs, out, score)
     return report(spec, runs, lengths, out)
 
 

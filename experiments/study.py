@@ -110,6 +110,18 @@ def train_run(run_dir: Path, argv: list[str]) -> dict:
     return info
 
 
+def train_and_score(runs: list[dict], out: Path, score) -> None:
+    """Trains each run (``train_run`` into ``out/<name>``, skipped once finished), then calls
+    ``score(run, run_dir)`` to fill in its evaluation; says the progress and the total time."""
+    start = time.perf_counter()
+    for i, r in enumerate(runs, 1):
+        say(f"[{i}/{len(runs)}] {r['name']}")
+        run_dir = out / r["name"]
+        r["train"] = train_run(run_dir, r["argv"])
+        score(r, run_dir)
+    say(f"done in {time.perf_counter() - start:.0f} s (this invocation)")
+
+
 def eval_run(run_dir: Path, lengths: list[int], extra: list[str]) -> list[dict]:
     """eval.py on a run's last checkpoint into ``<run>/eval`` unless already there; returns
     its rows (model, context_length, ppl, tokens, note, documents)."""

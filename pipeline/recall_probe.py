@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from data.recall import IGNORE, SLOT, Layout, RecallSet
+from pipeline.scoring import not_reached
 
 log = logging.getLogger("eval")
 
@@ -82,8 +83,6 @@ def score(model, lengths: list[int], distances, count: int, batch_tokens: int, d
                     row["correct"] += int((logp.argmax(-1) == target).sum())
                     row["nll_sum"] -= float(logp.gather(1, target[:, None]).sum())
             except (ValueError, RuntimeError) as err:
-                from pipeline.scoring import not_reached
-
                 reason = not_reached(err)
                 if reason is None:
                     raise
