@@ -6,6 +6,10 @@ the start, length and name of every document. Training and evaluation windows ar
 so data never holds back a model, memory does not grow with the corpus, and any window (hence a
 resume point) is reached in O(1). The cache directory is keyed by the source's content
 fingerprint and every setting that changes the tokens; the tokenizer is saved in it.
+
+Several runs may share a cache directory: one builds while the others wait on a file lock, and
+every file's size and hash are recorded when it is built (``data/cache_files.py``), so that a
+truncated or altered cache is rebuilt rather than read.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data.cache_files import damage, file_lock, write_manifest
 from data.config import DataConfig
 from data.sources import documents
 
@@ -132,13 +137,24 @@ def cache_key(cfg: DataConfig, fingerprint: str) -> str:
 
 
 def prepare(cfg: DataConfig) -> Corpus:
-    """Returns the corpus of ``cfg``, building its cache first if needed (once per key)."""
+    """Returns the corpus of ``cfg``, building its cache first if needed: once per key, however
+    many processes ask at once (a file lock), and again (with a warning) if the cache on disk
+    is damaged, never read as it is."""
     if cfg.tokenizer_path:
         load_tokenizer(cfg.tokenizer_path)  # fail now, before reading the corpus
     docs, fingerprint = documents(cfg)
     directory = Path(cfg.cache_dir) / cache_key(cfg, fingerprint)
-    if not (directory / "DONE").exists():
-        _build(cfg, docs, directory)
+    if damage(directory) is None:  # the common case: built and intact, no lock needed
+        return Corpus(directory)
+    with file_lock(directory.with_name(directory.name + ".lock")):
+        problem = damage(directory)  # another process may have built it while we waited
+        if problem is not None:
+            if directory.exists():
+                log.warning("token cache %s is damaged (%s): rebuilding it", directory, problem)
+                shutil.rmtree(directory)
+            for stale in directory.parent.glob(directory.name + ".tmp*"):  # killed builds
+                shutil.rmtree(stale, ignore_errors=True)
+            _build(cfg, docs, directory)
     return Corpus(directory)
 
 
@@ -204,8 +220,5 @@ def _build(cfg: DataConfig, docs, directory: Path) -> None:
         "config": cfg.to_dict(),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    (tmp / "DONE").write_text("")
-    if directory.exists():  # another process finished first: keep its copy
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(directory)
+    write_manifest(tmp)
+    tmp.rename(directory)

@@ -10,6 +10,7 @@ cosine, both sized from ``trainer.max_steps``.
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -24,8 +25,23 @@ from data.recall import IGNORE
 from models.loss import chunked_nll
 from models.transformer import ModelConfig, TransformerLM
 
+# every checkpoint carries this key (on_save_checkpoint); a checkpoint with another number was
+# written by an incompatible version and is refused (pipeline/checkpoints.py)
+FORMAT_KEY, FORMAT = "longnet_lightning_format", 1
+
 Schedule = Literal["polynomial", "cosine", "constant"]
 SCHEDULES = get_args(Schedule)
+NonFinite = Literal["skip", "stop"]
+NONFINITE = get_args(NonFinite)
+log = logging.getLogger("train")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A non-finite loss or gradient norm under ``optim.nonfinite=stop``, or more consecutive
+    ones than ``optim.max_nonfinite_steps`` under ``skip``; the weights are those of the last
+    good step (the bad one was not applied)."""
+
+    exit_status = 1
 
 
 @dataclass
@@ -41,6 +57,8 @@ class OptimConfig:
     power: float = 1.0  # polynomial decay power (1: linear)
     min_lr_ratio: float = 0.0  # final lr / peak lr
     total_steps: int | None = None  # length of the schedule; null: trainer.max_steps
+    nonfinite: NonFinite = "skip"  # a step with a non-finite loss or gradient norm: skip | stop
+    max_nonfinite_steps: int = 10  # skip: consecutive such steps before the run stops
 
     def __post_init__(self):
         self.betas = list(self.betas)
@@ -50,6 +68,11 @@ class OptimConfig:
             raise ValueError(
                 f"optim needs lr > 0, warmup_steps >= 0 and two betas, got lr={self.lr}, "
                 f"warmup_steps={self.warmup_steps}, betas={self.betas}"
+            )
+        if self.nonfinite not in NONFINITE or self.max_nonfinite_steps < 1:
+            raise ValueError(
+                f"optim.nonfinite must be one of {NONFINITE} and optim.max_nonfinite_steps >= 1, "
+                f"got {self.nonfinite!r}, {self.max_nonfinite_steps}"
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -87,6 +110,9 @@ class CausalLM(L.LightningModule):
         self.loss_chunk = int((run_config or {}).get("loss_chunk", 8192))
         self.cp_group = None
         self._step_start: float | None = None
+        self._finite = True  # every loss of the step being accumulated was finite
+        self._step_batches: list[str] = []  # what the step read, to name in a warning
+        self._bad_steps = 0  # consecutive skipped steps
 
     def setup(self, stage: str) -> None:
         """With context_parallel = P > 1, every rank makes the process groups of P consecutive
@@ -145,9 +171,47 @@ class CausalLM(L.LightningModule):
             window_loss = nll.detach().sum()
             dist.all_reduce(window_loss, group=self.cp_group)
             window_loss = window_loss / tokens
+        self._finite &= bool(torch.isfinite(window_loss.detach()))
+        where = f"batch {batch_idx}"
+        if "index" in batch:
+            where += f" (sequences {batch['index'].tolist()})"
+        self._step_batches.append(where)
         self.log("train/loss", window_loss, prog_bar=True)
         self.log("train/ppl", window_loss.detach().exp())
         return loss
+
+    # -- a step that diverged is not applied --------------------------------------------------
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Before clipping and the update: a non-finite loss or gradient norm drops the step's
+        gradients (``grad = None``: AdamW then changes neither the weights nor its moments), or
+        stops the run (``optim.nonfinite``). Every rank takes the same decision."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0
+        bad = not (self._finite and bool(torch.isfinite(torch.as_tensor(norm))))
+        bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        read, self._finite, self._step_batches = self._step_batches, True, []
+        if not bad:
+            self._bad_steps = 0
+            return
+        self._bad_steps += 1
+        what = (
+            f"step {self.trainer.global_step + 1}: non-finite loss or gradient norm "
+            f"(gradient norm {float(norm)}; {', '.join(read)})"
+        )
+        if self.optim.nonfinite == "stop" or self._bad_steps > self.optim.max_nonfinite_steps:
+            why = "optim.nonfinite=stop" if self.optim.nonfinite == "stop" else (
+                f"{self._bad_steps} consecutive such steps > "
+                f"optim.max_nonfinite_steps={self.optim.max_nonfinite_steps}"
+            )  # fmt: skip
+            raise NonFiniteLoss(
+                f"{what}; stopping ({why}). The step was not applied; the last checkpoint "
+                "holds the last good weights (lower optim.lr or raise gradient_clip_val)"
+            )
+        log.warning("%s; skipped, not applied (%d in a row)", what, self._bad_steps)
+        for p in self.parameters():
+            p.grad = None
+        self.log("train/skipped_steps", float(self._bad_steps))
 
     def _now(self) -> float:
         if self.device.type == "cuda":  # kernels run asynchronously: time what they did
@@ -224,6 +288,7 @@ class CausalLM(L.LightningModule):
     # -- exact resume: the RNG too ------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[FORMAT_KEY] = FORMAT
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()

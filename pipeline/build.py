@@ -4,6 +4,7 @@ starts or anything is written, so a bad run fails fast and leaves an existing ru
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from data.datamodule import LongContextDataModule
 from lightning_modules.lm import CausalLM
 from models.positional import check_xpos_range
 from models.transformer import ModelConfig, TransformerLM
+from pipeline.checkpoints import AtomicCheckpointIO, resolve_resume
+from pipeline.preemption import Preemption
 from pipeline.progress import LineProgressBar
 from settings.loading import ConfigError, to_yaml
 from settings.schema import RunConfig
@@ -32,39 +35,17 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir) / "checkpoints"
 
 
-def resolve_resume(cfg: RunConfig) -> str | None:
-    """The checkpoint to resume from, or None; refuses to start afresh over a run's checkpoints
-    (that would overwrite them)."""
-    last = checkpoint_dir(cfg) / "last.ckpt"
-    if cfg.resume is None:
-        if last.exists():
-            raise ConfigError(
-                f"run_dir={cfg.run_dir!r} already holds checkpoints; pass "
-                "resume=auto to continue it, or choose another run_dir"
-            )
-        return None
-    if cfg.resume == "auto":
-        return str(last) if last.exists() else None
-    check_checkpoint(cfg.resume)
-    return str(cfg.resume)
-
-
-def check_checkpoint(path: str | Path) -> dict:
-    """Loads a checkpoint's metadata, or raises naming the path and what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # any unreadable file: pickle, zip and torch errors alike
-        raise ConfigError(f"{str(path)!r} is not a PyTorch checkpoint: {err}") from err
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "model" not in hparams or "state_dict" not in ckpt:
-        raise ConfigError(
-            f"{str(path)!r} is not a checkpoint of this project (no model config "
-            "in its hyper_parameters)"
-        )
-    return ckpt
+def check_writable(run_dir: str) -> None:
+    """A ConfigError naming ``run_dir`` if this process could not create files in it (it, or
+    the nearest folder above it that exists, is not writable), found before training rather
+    than at the first checkpoint. Creates nothing."""
+    path = Path(run_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a writable directory" if existing == path else (
+            f"cannot be created: {str(existing)!r} is not a writable directory"
+        )  # fmt: skip
+        raise ConfigError(f"run_dir={run_dir!r} {what}; choose another run_dir")
 
 
 def model_config(cfg: RunConfig, vocab_size: int) -> ModelConfig:
@@ -100,7 +81,8 @@ def progress_callbacks(cfg: RunConfig) -> list:
 
 def build(cfg: RunConfig):
     """Returns (trainer, module, datamodule, ckpt_path) for ``trainer.fit``."""
-    ckpt_path = resolve_resume(cfg)
+    check_writable(cfg.run_dir)
+    ckpt_path = resolve_resume(cfg.resume, checkpoint_dir(cfg), cfg.run_dir)
     datamodule = LongContextDataModule(cfg.data, context_parallel=cfg.context_parallel)
     datamodule.setup()  # trains the tokenizer / fills the cache once; checks the corpus
     mc = model_config(cfg, datamodule.vocab_size)
@@ -116,13 +98,18 @@ def build(cfg: RunConfig):
             filename="step{step:07d}",
             auto_insert_metric_name=False,
         ),
+        Preemption(cfg.run_dir),
         *progress_callbacks(cfg),
     ]
     # a new version_N per launch, so a resumed run adds its logs beside the earlier ones
     loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
     trainer_args = {**cfg.trainer, "precision": resolve_precision(cfg)}
     trainer = L.Trainer(
-        default_root_dir=run_dir, logger=loggers, callbacks=callbacks, **trainer_args
+        default_root_dir=run_dir,
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        **trainer_args,
     )
     return trainer, module, datamodule, ckpt_path
 

@@ -8,7 +8,6 @@ import csv
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def evaluate_recall(models, lengths, cfg: EvalConfig, device) -> list[dict]:
         log.info("%s: recall accuracy at lengths %s", model.name, lengths)
         rows += recall_probe.score(model, lengths, cfg.distances, cfg.recall_sequences,
                                    cfg.batch_tokens, device)  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix="eval-"))
+    tmp = staging(Path(cfg.out_dir))
     written = recall_probe.write(rows, models, tmp)
     _move(tmp, Path(cfg.out_dir))
     print("answer accuracy by record-to-query distance (held-out test stream)")
@@ -110,10 +109,16 @@ def evaluate_recall(models, lengths, cfg: EvalConfig, device) -> list[dict]:
     return rows
 
 
+def staging(out_dir: Path) -> Path:
+    """A fresh folder beside ``out_dir`` (same file system: moving out of it is a rename)."""
+    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.absolute().parent))
+
+
 def _move(tmp: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in tmp.iterdir():
-        shutil.move(str(f), out_dir / f.name)
+        os.replace(f, out_dir / f.name)  # a rename: each file is old or new, never partial
     tmp.rmdir()
 
 
@@ -181,7 +186,7 @@ def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet
 
 def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path) -> None:
     """Everything into a fresh directory first, then moved into out_dir in one go."""
-    tmp = Path(tempfile.mkdtemp(prefix="eval-"))
+    tmp = staging(out_dir)
     corpus = f"{cfg.data.source or 'own corpus'}, {' / '.join(sorted(set(split_names)))} split"
     rows = [
         {

@@ -34,7 +34,7 @@ from data.corpus import Split, prepare
 from models.loss import chunked_nll
 from models.positional import XposRangeError
 from models.transformer import ModelConfig, TransformerLM
-from pipeline.build import check_checkpoint
+from pipeline.checkpoints import check_checkpoint
 from settings.loading import ConfigError
 from settings.schema import CORPUS_KEYS
 

@@ -14,7 +14,9 @@ PRINT_CONFIG = "--print-config"
 
 def run_cli(entry: Callable[[list[str]], object], argv: list[str], load=None) -> int:
     """Runs ``entry(argv)``; with ``--print-config``, prints ``load(files, overrides)`` as YAML
-    instead. A ConfigError exits 2 with its message; anything else keeps its traceback."""
+        instead. A ConfigError exits 2 with its message; an error with an ``exit_status`` (a
+    preempted run, a failed checkpoint write, a diverged run) exits with that status and its
+    message; anything else keeps its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if PRINT_CONFIG in argv:
@@ -26,4 +28,10 @@ def run_cli(entry: Callable[[list[str]], object], argv: list[str], load=None) ->
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        status = getattr(err, "exit_status", None)  # a run that stopped for a stated reason
+        if status is None:
+            raise
+        print(f"error: {err}" if status != 0 and status < 128 else str(err), file=sys.stderr)
+        return status
     return 0

@@ -104,7 +104,7 @@ def test_existing_run_is_not_overwritten(tiny_args, tmp_path):
         train(tiny_args(run, "trainer.max_steps=2"))
     not_ckpt = tmp_path / "x.ckpt"
     not_ckpt.write_text("hello")
-    with pytest.raises(ConfigError, match="is not a PyTorch checkpoint"):
+    with pytest.raises(ConfigError, match="is not a readable PyTorch checkpoint"):
         train(tiny_args(run, f"resume={not_ckpt}"))
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
 
