@@ -94,6 +94,12 @@ def lr_factor(
     return min_ratio + (1 - min_ratio) * decay
 
 
+def describe(batch: tuple[int, torch.Tensor | None]) -> str:
+    """``batch 3 (sequences [12, 40])``: what a step read, for a warning."""
+    index, sequences = batch
+    return f"batch {index}" + ("" if sequences is None else f" (sequences {sequences.tolist()})")
+
+
 class CausalLM(L.LightningModule):
     def __init__(self, model: dict, optim: dict | None = None, run_config: dict | None = None):
         """``model``: ModelConfig fields; ``optim``: OptimConfig fields (its defaults for the
@@ -171,11 +177,9 @@ class CausalLM(L.LightningModule):
             window_loss = nll.detach().sum()
             dist.all_reduce(window_loss, group=self.cp_group)
             window_loss = window_loss / tokens
-        self._finite &= bool(torch.isfinite(window_loss.detach()))
-        where = f"batch {batch_idx}"
-        if "index" in batch:
-            where += f" (sequences {batch['index'].tolist()})"
-        self._step_batches.append(where)
+        self.last_window_loss = window_loss.detach()  # written beside checkpoints (preemption.py)
+        self._finite = torch.isfinite(self.last_window_loss) & self._finite  # no sync here
+        self._step_batches.append((batch_idx, batch.get("index")))  # named only if it fails
         self.log("train/loss", window_loss, prog_bar=True)
         self.log("train/ppl", window_loss.detach().exp())
         return loss
@@ -188,7 +192,7 @@ class CausalLM(L.LightningModule):
         stops the run (``optim.nonfinite``). Every rank takes the same decision."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0
-        bad = not (self._finite and bool(torch.isfinite(torch.as_tensor(norm))))
+        bad = not bool(self._finite & torch.isfinite(torch.as_tensor(norm)))  # one sync
         bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
         read, self._finite, self._step_batches = self._step_batches, True, []
         if not bad:
@@ -197,7 +201,7 @@ class CausalLM(L.LightningModule):
         self._bad_steps += 1
         what = (
             f"step {self.trainer.global_step + 1}: non-finite loss or gradient norm "
-            f"(gradient norm {float(norm)}; {', '.join(read)})"
+            f"(gradient norm {float(norm)}; {', '.join(map(describe, read))})"
         )
         if self.optim.nonfinite == "stop" or self._bad_steps > self.optim.max_nonfinite_steps:
             why = "optim.nonfinite=stop" if self.optim.nonfinite == "stop" else (

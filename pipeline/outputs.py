@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
 
 def metrics_rows(run_dir: str | Path) -> list[dict]:
-    """Every row of every logged version of a run (``logs/version_N/metrics.csv``), in order."""
+    """Every row of every logged version of a run (``logs/version_N/metrics.csv``), in launch
+    order. A last line without its newline (a launch killed while appending it) is dropped."""
     rows = []
-    for f in sorted(Path(run_dir, "logs").glob("version_*/metrics.csv")):
-        with open(f, newline="") as fh:
-            rows += list(csv.DictReader(fh))
+    versions = Path(run_dir, "logs").glob("version_*/metrics.csv")
+    for f in sorted(versions, key=lambda p: int(p.parent.name.split("_")[1])):
+        text = f.read_text()
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+        rows += list(csv.DictReader(io.StringIO(text, newline="")))
     return rows
 
 

@@ -85,6 +85,17 @@ class Preemption(Callback):
                 signal.signal(signum, handler)
         self._previous = {}
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """Logged rows up to a checkpoint reach the disk before it: a run killed later re-logs
+        the steps after it and loses none before (CSVLogger otherwise writes every 100 steps).
+        Lightning logs a step's row only after the step's checkpoint hooks, so that row's loss
+        is written here too (a duplicate of the same value follows)."""
+        loss = getattr(pl_module, "last_window_loss", None)
+        for logger in trainer.loggers:
+            if trainer.training and loss is not None:
+                logger.log_metrics({"train/loss": float(loss)}, step=trainer.global_step - 1)
+            logger.save()
+
     # -- between steps: save and stop --------------------------------------------------------
 
     def _signalled(self, trainer) -> bool:

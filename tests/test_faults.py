@@ -104,6 +104,9 @@ def resume_and_compare(tiny_args, run: Path, straight: dict, first: int, caplog=
     assert min(resumed) == first and max(resumed) == STEPS - 1, sorted(resumed)
     for step, loss in resumed.items():
         assert abs(loss - straight[step]) <= 1e-6, (step, loss, straight[step])
+    merged = metric(run, "train/loss")  # every step logged once or more, nothing lost
+    assert sorted(merged) == list(range(STEPS))
+    assert all(abs(merged[s] - straight[s]) <= 1e-6 for s in merged)
 
 
 # -- killed ----------------------------------------------------------------------------------
