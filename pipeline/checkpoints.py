@@ -53,26 +53,49 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _Watched:
+    """A file whose first write error is kept: torch.save reports a failed write as its own
+    RuntimeError ("unexpected pos ..."), hiding the OSError (disk full, quota) that a person
+    needs to read."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Calls ``write(file)`` on a temporary file beside ``path``, flushes it to disk and renames
     it to ``path``. On any error the temporary file is removed, ``path`` is left as it was, and
     a :class:`CheckpointWriteError` names the path and the cause."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TEMPORARY}{os.getpid()}")
+    watched = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            write(f)
+            watched = _Watched(f)
+            write(watched)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except Exception as err:
         tmp.unlink(missing_ok=True)
+        cause = (watched and watched.error) or err
+        why = getattr(cause, "strerror", None) or str(cause)
         kept = f"{str(path)!r} is as it was" if path.exists() else "nothing was written"
         raise CheckpointWriteError(
-            f"could not write checkpoint {str(path)!r}: {err.strerror or err} "
-            f"({kept}); free space or choose a writable run_dir, then resume=auto"
-        ) from err
+            f"could not write checkpoint {str(path)!r}: {why} ({kept}); free space or "
+            "choose a writable run_dir, then resume=auto"
+        ) from cause
     fsync_dir(path.parent)
 
 

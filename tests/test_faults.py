@@ -392,6 +392,26 @@ def test_disk_full_during_a_checkpoint(tiny_args, tmp_path, monkeypatch):
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
+def test_real_write_failure_in_a_subprocess(tiny_args, tmp_path, corpus):
+    """The kernel refuses the write (a file-size limit, EFBIG, as a quota or a full disk would):
+    train.py exits 1 with the error naming the checkpoint; no temporary file is left."""
+    import resource
+
+    run = tmp_path / "run"
+    train(tiny_args(tmp_path / "warm", "trainer.max_steps=1"))  # the cache exists: not limited
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    cmd = [sys.executable, "train.py", *tiny_args(run, "trainer.max_steps=6")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: could not write checkpoint" in proc.stderr
+    assert "step0000004.ckpt" in proc.stderr and "File too large" in proc.stderr
+    assert not list((run / "checkpoints").glob("*"))
+
+
 def test_unwritable_run_dir(tiny_args, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
