@@ -100,9 +100,12 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's TorchCheckpointIO, saving through :func:`atomic_write`."""
+    """Lightning's TorchCheckpointIO, saving local files through :func:`atomic_write` (remote
+    URLs keep Lightning's fsspec path)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if "://" in str(path):  # a remote file system: Lightning's fsspec transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options}")
         atomic_write(path, lambda f: torch.save(checkpoint, f))

@@ -438,3 +438,14 @@ def test_killed_eval_leaves_out_dir_as_it_was(tiny_args, tmp_path):
     kill_at({"entry": "eval", "hold_eval": True}, args, tmp_path)
     assert [p.name for p in out.iterdir()] == ["ppl_vs_context.csv"]
     assert (out / "ppl_vs_context.csv").read_text() == "earlier results\n"
+
+
+def test_remote_paths_keep_lightnings_fsspec_writer():
+    """A URL (here fsspec's in-memory file system) is not a local path to rename into."""
+    import fsspec
+
+    from pipeline.checkpoints import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, "memory://run/last.ckpt")
+    with fsspec.open("memory://run/last.ckpt", "rb") as f:
+        assert torch.load(f, weights_only=False) == {"global_step": 3}
