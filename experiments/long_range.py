@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from data.recall import Layout
 from experiments import study
 from models.transformer import attended_keys
 from pipeline.evaluation import evaluate
@@ -131,13 +132,16 @@ def report(spec, runs, lengths, out: Path, name: str) -> dict:
         rows.append([i, r["name"], r["cfg"].model.attention, r["gflop"] * 1e3, r["area_train_len"],
                      r["area"], r["area_per_gflop"], *[acc.get(d) for d in dists]])  # fmt: skip
     seconds = sum(r["train"]["train_seconds"] for r in runs)
+    layout = Layout.of(runs[0]["cfg"].data)
+    guess = ", ".join(f"1/{layout.records_at(L)} at {L}" for L in lengths)
     text = [
         f"# {name}: answer accuracy by distance, ranked by area per attention FLOP",
         "",
         f"Trained at {n} tokens for {runs[0]['cfg'].trainer.get('max_steps')} steps of "
         f"{spec.tokens_per_batch} tokens on data.source=recall; accuracy at L={longest} over "
         f"distances {dists[0]}..{dists[-1]} (area: the mean over the log2 grid). Training "
-        f"took {seconds:.0f} s in all. Measured {time.strftime('%Y-%m-%d')}.",
+        f"took {seconds:.0f} s in all. Measured {time.strftime('%Y-%m-%d')}. Picking one of "
+        f"the sequence's values at random scores about 1/records: {guess}.",
         "",
         markdown_table(header, rows),
     ]

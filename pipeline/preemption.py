@@ -37,14 +37,18 @@ class Preempted(Exception):
         self.exit_status = 128 + signum
         super().__init__(
             f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint "
-            f"{path}; continue with: {continue_command()}"
+            f"{path}; continue with: {continue_command(path.parents[1])}"
         )
 
 
-def continue_command() -> str:
-    """The command line that resumes this run: the same arguments with ``resume=auto``."""
-    args = [a for a in sys.argv[1:] if not a.startswith("resume=")]
-    return shlex.join([os.path.basename(sys.executable), sys.argv[0], *args, "resume=auto"])
+def continue_command(run_dir: Path) -> str:
+    """The command line that resumes this run: train.py's own arguments with ``resume=auto``
+    when train.py is the program, else (a study, a notebook) train.py on the run's resolved
+    config.yaml, which holds every setting."""
+    if os.path.basename(sys.argv[0]) == "train.py":
+        args = [a for a in sys.argv[1:] if not a.startswith("resume=")]
+        return shlex.join(["python", sys.argv[0], *args, "resume=auto"])
+    return shlex.join(["python", "train.py", str(run_dir / "config.yaml"), "resume=auto"])
 
 
 class Preemption(Callback):
@@ -105,10 +109,7 @@ class Preemption(Callback):
     def _save_and_stop(self, trainer) -> None:
         trainer.save_checkpoint(self.path)
         signum = self.signum if self.signum is not None else signal.SIGTERM
-        stop = Preempted(signum, trainer.global_step, self.path)
-        if trainer.is_global_zero:
-            log.warning("%s", stop)
-        raise stop
+        raise Preempted(signum, trainer.global_step, self.path)  # train.py prints it
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._signalled(trainer):
