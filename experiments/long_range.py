@@ -122,7 +122,7 @@ def report(spec, runs, lengths, out: Path, name: str) -> dict:
         r["area_train_len"] = area(r["recall"], n)
         r["gflop"] = attention_gflop(r["cfg"], n)
         r["area_per_gflop"] = r["area"] / r["gflop"] if r["gflop"] else math.nan
-    ranked = sorted(runs, key=lambda r: -study.finite_or_inf(-r["area_per_gflop"]))
+    ranked = sorted(runs, key=lambda r: study.finite_or_inf(-r["area_per_gflop"]))  # best first
     dists = sorted({x["distance"] for r in runs for x in r["recall"] if x["length"] == longest})
     header = ["rank", "run", "attention", "attn MFLOP/token", f"area @{n}", f"area @{longest}",
               "area per GFLOP"] + [f"d={d}" for d in dists]  # fmt: skip

@@ -206,6 +206,8 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
     runs = {r["name"]: r for r in results["runs"]}
     assert set(runs) == {"dense", "longnet"}
     assert runs["dense"]["gflop"] > runs["longnet"]["gflop"] > 0
+    per = [r["area_per_gflop"] for r in results["runs"]]
+    assert per == sorted(per, reverse=True)  # ranked best first
     assert 0.0 <= runs["dense"]["area"] <= 1.0
     assert {x["distance"] for x in runs["dense"]["recall"]} == {16, 32, 64}
     assert "area per GFLOP" in (out / "table.md").read_text()
