@@ -52,10 +52,14 @@ def continue_command(run_dir: Path) -> str:
 
 
 class Preemption(Callback):
+    """Saves ``<run_dir>/checkpoints/last.ckpt`` and stops after the step a SIGTERM or SIGINT
+    arrived in; also flushes the loggers with every checkpoint (see on_save_checkpoint)."""
+
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / "checkpoints" / "last.ckpt"
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._keep_lightning = False  # under SLURM auto-requeue: call Lightning's handler too
 
     # -- the handler: record, or on a second signal exit now ---------------------------------
 
