@@ -60,8 +60,8 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
             )
         model.group, model.loss_chunk = group, cfg.loss_chunk
     first = group is None or dist.get_rank(group) == 0  # the one that reports and writes
-    for model in models:
-        if first:
+    if first:
+        for model in models:
             recall_probe.say_reach(model.name, model.net.config, lengths[-1])
     recall = [m.data.source == "recall" for m in models]
     if any(recall):

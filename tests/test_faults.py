@@ -96,7 +96,7 @@ def signal_at(fault: dict, args: list[str], tmp_path: Path, *signums) -> tuple[i
     return proc.returncode, out
 
 
-def resume_and_compare(tiny_args, run: Path, straight: dict, first: int, caplog=None) -> None:
+def resume_and_compare(tiny_args, run: Path, straight: dict, first: int) -> None:
     """Resumes ``run`` to STEPS; its losses from step ``first`` (0-based) on equal the
     uninterrupted run's within 1e-6."""
     train(tiny_args(run, f"trainer.max_steps={STEPS}", "resume=auto"))
@@ -233,13 +233,12 @@ def test_slurm_requeue_handlers_are_kept(monkeypatch, tmp_path):
 # -- diverging -------------------------------------------------------------------------------
 
 
-def test_nan_step_is_skipped(tiny_args, tmp_path, straight, caplog):
+def test_nan_step_is_skipped(tiny_args, tmp_path, straight):
     """A NaN loss at step 3: not applied (the weights after it equal those after step 2), logged
     with its step and batch; the run goes on with finite losses."""
     run = tmp_path / "run"
-    marker = tmp_path / "m"
-    status, out = run_with_fault({"nan_steps": [3]}, tiny_args(run, "trainer.max_steps=4"),
-                                 marker)  # fmt: skip
+    args = tiny_args(run, "trainer.max_steps=4")
+    status, out = run_with_fault({"nan_steps": [3]}, args, tmp_path / "m")
     assert status == 0, out
     assert "step 3: non-finite loss or gradient norm" in out and "skipped" in out
     assert "batch 2" in out
