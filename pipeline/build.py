@@ -4,6 +4,7 @@ starts or anything is written, so a bad run fails fast and leaves an existing ru
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,11 +18,13 @@ from data.datamodule import LongContextDataModule
 from lightning_modules.lm import CausalLM
 from models.positional import check_xpos_range
 from models.transformer import ModelConfig, TransformerLM
-from pipeline.checkpoints import AtomicCheckpointIO, resolve_resume
+from pipeline.checkpoints import AtomicCheckpointIO, load_weights, resolve_resume
 from pipeline.preemption import Preemption
 from pipeline.progress import LineProgressBar
 from settings.loading import ConfigError, to_yaml
 from settings.schema import RunConfig
+
+log = logging.getLogger("train")
 
 
 def resolve_precision(cfg: RunConfig) -> str:
@@ -88,6 +91,10 @@ def build(cfg: RunConfig):
     mc = model_config(cfg, datamodule.vocab_size)
     plain = dataclasses.asdict(cfg)
     module = CausalLM(mc.to_dict(), plain["optim"], run_config=plain)
+    if cfg.init_from and not ckpt_path:  # a resumed run has its own, trained weights
+        step = load_weights(module, cfg.init_from)
+        log.info("weights from %s (step %d); optimizer, schedule and data start afresh",
+                 cfg.init_from, step)  # fmt: skip
     run_dir = Path(cfg.run_dir)
     callbacks = [
         ModelCheckpoint(

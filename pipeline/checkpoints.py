@@ -137,6 +137,36 @@ def check_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def load_weights(module: torch.nn.Module, path: str | Path) -> int:
+    """Copies the weights of the checkpoint at ``path`` into ``module`` (a CausalLM) and returns
+    the step they were saved at. Only the weights: the optimizer, the schedule, the step and
+    the data position start afresh, which is what a curriculum stage (a longer sequence after
+    a shorter one) or fine-tuning wants. Every tensor must exist in both with the same shape;
+    the attention type may differ (it has no weights of its own). A ConfigError lists what
+    does not match."""
+    ckpt = check_checkpoint(path)
+    theirs, ours = ckpt["state_dict"], module.state_dict()
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    shapes = [
+        f"{name} {tuple(theirs[name].shape)} vs {tuple(ours[name].shape)}"
+        for name in sorted(set(ours) & set(theirs))
+        if theirs[name].shape != ours[name].shape
+    ]
+    if missing or unexpected or shapes:
+        problems = [
+            *(["missing: " + ", ".join(missing[:4])] if missing else []),
+            *(["not in this model: " + ", ".join(unexpected[:4])] if unexpected else []),
+            *(["shapes (checkpoint vs this model): " + "; ".join(shapes[:4])] if shapes else []),
+        ]
+        raise ConfigError(
+            f"init_from={str(path)!r} does not fit this model ({'; '.join(problems)}); its "
+            "model must have the same width, depth, heads, feed-forward and vocabulary"
+        )
+    module.load_state_dict(theirs)
+    return int(ckpt.get("global_step", 0))
+
+
 def candidates(directory: Path) -> list[Path]:
     """The run's checkpoints, newest first by name: last.ckpt, then step files by step."""
     steps = sorted(

@@ -63,6 +63,7 @@ class RunConfig:
     run_dir: str = "runs/default"  # every output of the run: checkpoints, logs, config, tokenizer
     seed: int = 1234  # seeds torch, numpy and python (workers too)
     resume: str | None = None  # null: start fresh; auto: run_dir's last checkpoint if any; a path
+    init_from: str | None = None  # a checkpoint whose weights start a fresh run (not resumed)
     validate_first: bool = True  # a fresh run measures validation loss before its first step
     context_parallel: int = 1  # ranks that split each window (paper 3.1; dilated attention)
     loss_chunk: int = 8192  # tokens per chunk of the output layer and loss: no tokens x vocab

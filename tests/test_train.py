@@ -9,7 +9,7 @@ import torch
 from lightning_modules.lm import CausalLM, lr_factor
 from pipeline.outputs import metric
 from pipeline.training import train
-from settings.loading import ConfigError, load_run_config
+from settings.loading import ConfigError, load_run_config, split_argv
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -107,6 +107,31 @@ def test_existing_run_is_not_overwritten(tiny_args, tmp_path):
     with pytest.raises(ConfigError, match="is not a readable PyTorch checkpoint"):
         train(tiny_args(run, f"resume={not_ckpt}"))
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_init_from_copies_weights_only(tiny_args, tmp_path):
+    """A curriculum stage: weights from another run, everything else afresh; a resumed run keeps
+    its own weights; a model of another shape is refused, naming the tensors."""
+    from pipeline.build import build
+
+    first = tmp_path / "first"
+    train(tiny_args(first, "trainer.max_steps=2"))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    second = tmp_path / "second"
+    args = tiny_args(second, f"init_from={ckpt}", "model.attention=dense")
+    _, module, _, resume_from = build(load_run_config(*split_argv(args)))
+    assert resume_from is None
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    trainer = train(tiny_args(second, f"init_from={ckpt}", "trainer.max_steps=2"))
+    assert trainer.global_step == 2  # the step count starts afresh
+    # resuming: the run's own checkpoint wins, init_from is not read (here it no longer exists)
+    train(tiny_args(second, "init_from=/gone.ckpt", "trainer.max_steps=3", "resume=auto"))
+    with pytest.raises(ConfigError, match=r"does not fit this model \(shapes .* vs \(64,\)"):
+        train(tiny_args(tmp_path / "wide", f"init_from={ckpt}", "model.d_model=64"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(tiny_args(tmp_path / "none", "init_from=/gone.ckpt"))
 
 
 def test_lr_schedule_shapes():
