@@ -31,36 +31,53 @@ from pathlib import Path
 from data.recall import Layout
 from experiments import study
 from models.transformer import attended_keys
+from pipeline import outputs
 from pipeline.evaluation import evaluate
 from pipeline.report import line_plot, markdown_table
 from settings.cli import run_cli
 from settings.loading import ConfigError
 
 
-def plan(spec, extra: list[str] = (), quick: bool = False) -> list[dict]:
+def plan(spec, extra: list[str] = (), quick: bool = False, out: Path | None = None) -> list[dict]:
+    """The runs to train, in order: with a ``curriculum`` in the study, each run's short stage
+    (``stage: True``, named ``<run>.<length>``, trained at the curriculum's length on the same
+    tokens per batch) comes before the run itself, which starts from its weights
+    (``init_from``; the optimizer, schedule and data start afresh)."""
     length, per = int(spec.seq_len), int(spec.tokens_per_batch)
     if per % length:
         raise ConfigError(f"tokens_per_batch={per} is not a multiple of seq_len={length}")
     steps = int(spec.quick.steps if quick else spec.steps)
     names = list(spec.quick.runs) if quick else list(spec.runs)
+    stage = spec.get("curriculum")
+    if stage is not None and per % int(stage.seq_len):
+        raise ConfigError(
+            f"tokens_per_batch={per} is not a multiple of curriculum.seq_len={stage.seq_len}"
+        )
+    out = Path(out or study.ROOT / "runs" / spec.name)
     runs = []
-    for name in names:
-        if name not in spec.runs:
-            raise ConfigError(f"quick.runs names {name!r}, not one of {list(spec.runs)}")
-        argv = [
-            str(study.ROOT / spec.model),
-            *spec.train,
-            *spec.runs[name],
-            f"data.seq_len={length}",
-            f"data.batch_size={per // length}",
-            f"trainer.max_steps={steps}",
-            *extra,
-        ]
+
+    def add(name: str, argv: list[str], **info) -> None:
         cfg = study.resolve(argv)
         if cfg.data.source != "recall":
             raise ConfigError(f"run {name}: the study needs data.source=recall")
         study.build_on_meta(cfg)
-        runs.append({"name": name, "argv": argv, "cfg": cfg})
+        runs.append({"name": name, "argv": argv, "cfg": cfg, **info})
+
+    for name in names:
+        if name not in spec.runs:
+            raise ConfigError(f"quick.runs names {name!r}, not one of {list(spec.runs)}")
+        shared = [str(study.ROOT / spec.model), *spec.train, *spec.runs[name]]
+        init = []
+        if stage is not None:
+            short = int(stage.seq_len)
+            stage_steps = int(stage.get("quick_steps", stage.steps) if quick else stage.steps)
+            warm = f"{name}.{short}"
+            add(warm, [*shared, f"data.seq_len={short}", f"data.batch_size={per // short}",
+                       f"trainer.max_steps={stage_steps}", *stage.get("train", []), *extra],
+                stage=True)  # fmt: skip
+            init = [f"init_from={out / warm / 'checkpoints' / 'last.ckpt'}"]
+        add(name, [*shared, f"data.seq_len={length}", f"data.batch_size={per // length}",
+                   f"trainer.max_steps={steps}", *init, *extra])  # fmt: skip
     return runs
 
 
@@ -97,48 +114,76 @@ def main(argv: list[str] | None = None) -> dict:
     study.add_arguments(p)
     a = p.parse_args(argv)
     spec = study.load_study(a.config)
-    runs = study.select(plan(spec, a.set, a.quick), a.only, a.config)
+    name = spec.name + ("_quick" if a.quick else "")
+    out = Path(a.out or study.ROOT / "runs" / name)
+    runs = plan(spec, a.set, a.quick, out)
+    if a.only:  # a run's curriculum stage goes with it
+        wanted = {r["name"] for r in study.select(runs, a.only, a.config)}
+        runs = [r for r in runs if r["name"] in wanted or r["name"].rsplit(".", 1)[0] in wanted]
     for r in runs:
         mflop = attention_gflop(r["cfg"], int(spec.seq_len)) * 1e3
         study.say(f"plan: {r['name']}: {r['cfg'].model.attention} {mflop:.2f} MFLOP/token")
     if a.dry_run:
         return {}
     study.set_threads(a.threads)
-    name = spec.name + ("_quick" if a.quick else "")
-    out = Path(a.out or study.ROOT / "runs" / name)
     lengths = [int(n) for n in spec.eval.context_lengths]
 
     def score(r, run_dir):
-        r["recall"] = recall_eval(run_dir, lengths, list(spec.eval.args))
+        if not r.get("stage"):
+            r["recall"] = recall_eval(run_dir, lengths, list(spec.eval.args))
+        r["val_accuracy"] = last(outputs.metric(run_dir, "val/accuracy"))
 
     study.train_and_score(runs, out, score)
     return report(spec, runs, lengths, out, name)
 
 
+def curriculum_text(spec) -> str:
+    """How the curriculum stage trained, for the table's caption ('' without one)."""
+    stage = spec.get("curriculum")
+    if stage is None:
+        return ""
+    return (f", each after {stage.steps} steps at {stage.seq_len} tokens "
+            f"({' '.join(stage.get('train', []))}) whose weights it starts from")  # fmt: skip
+
+
+def last(values: dict[int, float]) -> float:
+    """The value at the highest step (NaN if none)."""
+    return values[max(values)] if values else math.nan
+
+
 def report(spec, runs, lengths, out: Path, name: str) -> dict:
     longest, n = lengths[-1], int(spec.seq_len)
+    seconds = sum(r["train"]["train_seconds"] for r in runs)
+    stages = {r["name"]: r for r in runs if r.get("stage")}
+    runs = [r for r in runs if not r.get("stage")]
     for r in runs:
+        stage = stages.get(f"{r['name']}.{spec.curriculum.seq_len}") if stages else None
+        r["train_seconds"] = r["train"]["train_seconds"] + (
+            stage["train"]["train_seconds"] if stage else 0
+        )
+        r["stage_val_accuracy"] = stage["val_accuracy"] if stage else None
         r["area"] = area(r["recall"], longest)
         r["area_train_len"] = area(r["recall"], n)
         r["gflop"] = attention_gflop(r["cfg"], n)
         r["area_per_gflop"] = r["area"] / r["gflop"] if r["gflop"] else math.nan
     ranked = sorted(runs, key=lambda r: study.finite_or_inf(-r["area_per_gflop"]))  # best first
     dists = sorted({x["distance"] for r in runs for x in r["recall"] if x["length"] == longest})
-    header = ["rank", "run", "attention", "attn MFLOP/token", f"area @{n}", f"area @{longest}",
-              "area per GFLOP"] + [f"d={d}" for d in dists]  # fmt: skip
+    header = ["rank", "run", "attention", "attn MFLOP/token", "train s", "val acc", f"area @{n}",
+              f"area @{longest}", "area per GFLOP"] + [f"d={d}" for d in dists]  # fmt: skip
     rows = []
     for i, r in enumerate(ranked, 1):
         acc = {x["distance"]: x["accuracy"] for x in r["recall"] if x["length"] == longest}
-        rows.append([i, r["name"], r["cfg"].model.attention, r["gflop"] * 1e3, r["area_train_len"],
-                     r["area"], r["area_per_gflop"], *[acc.get(d) for d in dists]])  # fmt: skip
-    seconds = sum(r["train"]["train_seconds"] for r in runs)
+        rows.append([i, r["name"], r["cfg"].model.attention, r["gflop"] * 1e3, r["train_seconds"],
+                     r["val_accuracy"], r["area_train_len"], r["area"], r["area_per_gflop"],
+                     *[acc.get(d) for d in dists]])  # fmt: skip
     layout = Layout.of(runs[0]["cfg"].data)
     guess = ", ".join(f"1/{layout.records_at(L)} at {L}" for L in lengths)
     text = [
         f"# {name}: answer accuracy by distance, ranked by area per attention FLOP",
         "",
         f"Trained at {n} tokens for {runs[0]['cfg'].trainer.get('max_steps')} steps of "
-        f"{spec.tokens_per_batch} tokens on data.source=recall; accuracy at L={longest} over "
+        f"{spec.tokens_per_batch} tokens on data.source=recall{curriculum_text(spec)}; "
+        f"accuracy at L={longest} over "
         f"distances {dists[0]}..{dists[-1]} (area: the mean over the log2 grid). Training "
         f"took {seconds:.0f} s in all. Measured {time.strftime('%Y-%m-%d')}. Picking one of "
         f"the sequence's values at random scores about 1/records: {guess}.",

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from experiments import ablate_dilation, paper_table2, study
+from settings.loading import load_run_config
 from tests.support.runs import TINY_CONFIG
 
 
@@ -167,9 +168,9 @@ def test_long_range_plan_builds_every_run(capsys):
 
     assert long_range.main(["--dry-run"]) == {}
     out = capsys.readouterr().out
-    assert out.count("plan: ") == 9 and "longnet_stretch: dilated" in out
+    assert out.count("plan: ") == 18 and "longnet_stretch.64: dilated" in out
     long_range.main(["--dry-run", "--quick"])
-    assert capsys.readouterr().out.count("plan: ") == 2
+    assert capsys.readouterr().out.count("plan: ") == 4
 
 
 def test_long_range_area_is_the_mean_over_the_log_grid():
@@ -197,6 +198,7 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
                  "longnet": ["model.attention=dilated", "model.segment_lengths=[16,32]",
                              "model.dilation_rates=[1,2]"]},
         "quick": {"runs": ["dense"], "steps": 1},
+        "curriculum": {"seq_len": 32, "steps": 1, "train": ["data.recall_records=2"]},
         "eval": {"context_lengths": [64, 128], "args": ["recall_sequences=2"]},
     }  # fmt: skip
     config = tmp_path / "long_range.yaml"
@@ -204,7 +206,14 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "study"
     results = long_range.main(["--config", str(config), "--out", str(out)])
     runs = {r["name"]: r for r in results["runs"]}
-    assert set(runs) == {"dense", "longnet"}
+    assert set(runs) == {"dense", "longnet"}  # the curriculum stages are not ranked
+    for name in runs:  # each run started from its own short stage's weights
+        stage = load_run_config([str(out / f"{name}.32" / "config.yaml")])
+        assert (stage.data.seq_len, stage.data.batch_size, stage.data.recall_records) == (32, 4, 2)
+        main = load_run_config([str(out / name / "config.yaml")])
+        assert main.init_from == str(out / f"{name}.32" / "checkpoints" / "last.ckpt")
+        assert (main.data.seq_len, main.data.recall_records) == (64, 4)
+        assert 0.0 <= runs[name]["val_accuracy"] <= 1.0
     assert runs["dense"]["gflop"] > runs["longnet"]["gflop"] > 0
     per = [r["area_per_gflop"] for r in results["runs"]]
     assert per == sorted(per, reverse=True)  # ranked best first
@@ -216,3 +225,4 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
     long_range.main(["--config", str(config), "--out", str(out), "--only", "dense"])
     log = capsys.readouterr().out
     assert "finished before, skipped" in log and "evaluated before, skipped" in log
+    assert "dense.32: finished before, skipped" in log and "longnet.32" not in log

@@ -109,6 +109,7 @@ BAD = [
     (dict(attention="flash"), "attention must be one of"),
     (dict(position="alibi"), "position must be one of"),
     (dict(norm="post"), "norm must be one of"),
+    (dict(init="xavier"), "init must be one of"),
     (dict(d_model=30), "divisible by n_head"),
     (dict(n_layer=0), "n_layer must be a positive integer"),
     (dict(dropout=1.5), "dropout must be in"),
@@ -124,6 +125,29 @@ BAD = [
 def test_bad_config_is_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize(
+    "norm,init,embed_std,qkv_std",
+    [
+        ("subln", "auto", 32**-0.5, (2 / (32 + 96)) ** 0.5),  # magneto: Xavier (q, k rows)
+        ("pre", "auto", 0.02, 0.02),  # gpt2
+        ("pre", "magneto", 32**-0.5, (2 / (32 + 96)) ** 0.5),
+        ("subln", "gpt2", 0.02, 0.02),
+        ("pre", "torch", 1.0, (3 * 32) ** -0.5),  # uniform +-1/sqrt(fan_in)
+    ],
+)
+def test_init_schemes(norm, init, embed_std, qkv_std):
+    """Each scheme's scales, measured on a wide-enough sample (untied, so the embedding keeps
+    its own)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 4096}, norm=norm, init=init, tie_embeddings=False)
+    model = TransformerLM(cfg)
+    qk = model.blocks[0].attn.qkv.weight[: 2 * 32]  # q and k rows: no gamma on them
+    assert model.embed.weight.std().item() == pytest.approx(embed_std, rel=0.05)
+    assert qk.std().item() == pytest.approx(qkv_std, rel=0.1)
+    biases_zero = init != "torch"
+    assert (model.blocks[0].attn.qkv.bias.abs().max().item() == 0) == biases_zero
 
 
 def test_unknown_key_is_rejected():
