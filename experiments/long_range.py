@@ -4,16 +4,22 @@ then score answer accuracy against record-to-query distance.
     python -m experiments.long_range                      # (make longrange)
     python -m experiments.long_range --quick              # dense and one LongNet, fewer steps
     python -m experiments.long_range --only dense --dry-run
+    python -m experiments.long_range --threads 1 --shard 0/2 &   # two processes share 2 cores
+    python -m experiments.long_range --threads 1 --shard 1/2     # (then once more: the table)
 
 The study YAML (``configs/study/long_range_tiny.yaml``) names the model (width, depth, heads),
 the recall layout, the training length and token budget, and the runs: each a list of
 train.py overrides (the attention and its schedule) on top of the shared ones, all trained on
-the same tokens (the same seed and stream). Each run is then scored by eval.py's recall path
-(pipeline/recall_probe.py) at every evaluation length, on distances from 16 to the longest
-length, and costed by its attention FLOPs per token at the training length (``attended_keys``
-x 4 x d_model x n_layer: q.k and p.v, forward). Runs are ranked by the *area under accuracy
-against log2 distance* (the mean accuracy over the distance grid at the longest evaluation
-length: 1.0 reaches everything, chance reaches nothing) per attention GFLOP per token.
+the same tokens (the same seed and stream). With a ``curriculum:`` (seq_len, steps, train
+overrides) each run first trains a stage ``<run>.<seq_len>`` at that shorter length and then
+starts from its weights (``init_from``): trained at 256 from the start no model learned to
+copy; after the short stage dense did (experiments/README.md, section 6). Each run is then
+scored by eval.py's recall path (pipeline/recall_probe.py) at every evaluation length, on
+distances from 16 to the longest length, and costed by its attention FLOPs per token at the
+training length (``attended_keys`` x 4 x d_model x n_layer: q.k and p.v, forward). Runs are
+ranked by the *area under accuracy against log2 distance* (the mean accuracy over the distance
+grid at the longest evaluation length: 1.0 reaches everything, chance reaches nothing) per
+attention GFLOP per token.
 
 Writes runs/<name>/table.md, results.json, accuracy_vs_distance.png; each run's eval/ holds
 recall.csv and its heatmap. Resumable like the other studies (experiments/study.py).
@@ -111,15 +117,19 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(study.ROOT / "configs/study/long_range_tiny.yaml"))
     p.add_argument("--quick", action="store_true", help="the YAML's quick: runs and steps")
+    p.add_argument("--shard", metavar="I/N", help="only every N-th run from the I-th (0-based): "
+                   "N processes of --threads 1 share the cores (make longrange)")  # fmt: skip
     study.add_arguments(p)
     a = p.parse_args(argv)
     spec = study.load_study(a.config)
     name = spec.name + ("_quick" if a.quick else "")
     out = Path(a.out or study.ROOT / "runs" / name)
     runs = plan(spec, a.set, a.quick, out)
-    if a.only:  # a run's curriculum stage goes with it
-        wanted = {r["name"] for r in study.select(runs, a.only, a.config)}
-        runs = [r for r in runs if r["name"] in wanted or r["name"].rsplit(".", 1)[0] in wanted]
+    wanted = [r["name"] for r in study.select(runs, a.only, a.config) if not r.get("stage")]
+    if a.shard:
+        wanted = wanted[shard(a.shard)]
+    # a run's curriculum stage goes with it
+    runs = [r for r in runs if r["name"] in wanted or r["name"].rsplit(".", 1)[0] in wanted]
     for r in runs:
         mflop = attention_gflop(r["cfg"], int(spec.seq_len)) * 1e3
         study.say(f"plan: {r['name']}: {r['cfg'].model.attention} {mflop:.2f} MFLOP/token")
@@ -149,6 +159,17 @@ def curriculum_text(spec) -> str:
 def last(values: dict[int, float]) -> float:
     """The value at the highest step (NaN if none)."""
     return values[max(values)] if values else math.nan
+
+
+def shard(text: str) -> slice:
+    """``I/N`` -> the slice of every N-th run from the I-th; a ConfigError if malformed."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return slice(i, None, n)
 
 
 def report(spec, runs, lengths, out: Path, name: str) -> dict:

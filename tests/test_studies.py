@@ -171,6 +171,11 @@ def test_long_range_plan_builds_every_run(capsys):
     assert out.count("plan: ") == 18 and "longnet_stretch.64: dilated" in out
     long_range.main(["--dry-run", "--quick"])
     assert capsys.readouterr().out.count("plan: ") == 4
+    long_range.main(["--dry-run", "--shard", "1/2"])  # runs 1, 3, 5, 7 with their stages
+    out = capsys.readouterr().out
+    assert out.count("plan: ") == 8 and "plan: sliding_64.64:" in out and "dense" not in out
+    with pytest.raises(study.ConfigError, match="--shard must be I/N"):
+        long_range.main(["--dry-run", "--shard", "2/2"])
 
 
 def test_long_range_area_is_the_mean_over_the_log_grid():
