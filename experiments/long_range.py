@@ -147,12 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
     return report(spec, runs, lengths, out, name)
 
 
-def curriculum_text(spec) -> str:
+def curriculum_text(spec, runs: list[dict]) -> str:
     """How the curriculum stage trained, for the table's caption ('' without one)."""
     stage = spec.get("curriculum")
     if stage is None:
         return ""
-    return (f", each after {stage.steps} steps at {stage.seq_len} tokens "
+    steps = {r["cfg"].trainer.get("max_steps") for r in runs if r.get("stage")}
+    steps = ", ".join(str(s) for s in sorted(steps)) or stage.steps
+    return (f", each after {steps} steps at {stage.seq_len} tokens "
             f"({' '.join(stage.get('train', []))}) whose weights it starts from")  # fmt: skip
 
 
@@ -175,7 +177,8 @@ def shard(text: str) -> slice:
 def report(spec, runs, lengths, out: Path, name: str) -> dict:
     longest, n = lengths[-1], int(spec.seq_len)
     seconds = sum(r["train"]["train_seconds"] for r in runs)
-    stages = {r["name"]: r for r in runs if r.get("stage")}
+    stage_runs = [r for r in runs if r.get("stage")]
+    stages = {r["name"]: r for r in stage_runs}
     runs = [r for r in runs if not r.get("stage")]
     for r in runs:
         stage = stages.get(f"{r['name']}.{spec.curriculum.seq_len}") if stages else None
@@ -203,7 +206,7 @@ def report(spec, runs, lengths, out: Path, name: str) -> dict:
         f"# {name}: answer accuracy by distance, ranked by area per attention FLOP",
         "",
         f"Trained at {n} tokens for {runs[0]['cfg'].trainer.get('max_steps')} steps of "
-        f"{spec.tokens_per_batch} tokens on data.source=recall{curriculum_text(spec)}; "
+        f"{spec.tokens_per_batch} tokens on data.source=recall{curriculum_text(spec, stage_runs)}; "
         f"accuracy at L={longest} over "
         f"distances {dists[0]}..{dists[-1]} (area: the mean over the log2 grid). Training "
         f"took {seconds:.0f} s in all. Measured {time.strftime('%Y-%m-%d')}. Picking one of "

@@ -224,7 +224,8 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
     assert per == sorted(per, reverse=True)  # ranked best first
     assert 0.0 <= runs["dense"]["area"] <= 1.0
     assert {x["distance"] for x in runs["dense"]["recall"]} == {16, 32, 64}
-    assert "area per GFLOP" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "area per GFLOP" in table and "each after 1 steps at 32 tokens" in table
     assert (out / "accuracy_vs_distance.png").stat().st_size > 0
     capsys.readouterr()
     long_range.main(["--config", str(config), "--out", str(out), "--only", "dense"])
