@@ -44,11 +44,11 @@ from settings.cli import run_cli
 from settings.loading import ConfigError
 
 
-def plan(spec, extra: list[str] = (), quick: bool = False, out: Path | None = None) -> list[dict]:
-    """The runs to train, in order: with a ``curriculum`` in the study, each run's short stage
-    (``stage: True``, named ``<run>.<length>``, trained at the curriculum's length on the same
-    tokens per batch) comes before the run itself, which starts from its weights
-    (``init_from``; the optimizer, schedule and data start afresh)."""
+def plan(spec, out: Path, extra: list[str] = (), quick: bool = False) -> list[dict]:
+    """The runs to train into ``out``, in order: with a ``curriculum`` in the study, each run's
+    short stage (named ``<run>.<length>``, its ``stage`` the run's name; trained at the
+    curriculum's length on the same tokens per batch) comes before the run itself, which starts
+    from its weights (``init_from``; the optimizer, schedule and data start afresh)."""
     length, per = int(spec.seq_len), int(spec.tokens_per_batch)
     if per % length:
         raise ConfigError(f"tokens_per_batch={per} is not a multiple of seq_len={length}")
@@ -59,7 +59,6 @@ def plan(spec, extra: list[str] = (), quick: bool = False, out: Path | None = No
         raise ConfigError(
             f"tokens_per_batch={per} is not a multiple of curriculum.seq_len={stage.seq_len}"
         )
-    out = Path(out or study.ROOT / "runs" / spec.name)
     runs = []
 
     def add(name: str, argv: list[str], **info) -> None:
@@ -80,7 +79,7 @@ def plan(spec, extra: list[str] = (), quick: bool = False, out: Path | None = No
             warm = f"{name}.{short}"
             add(warm, [*shared, f"data.seq_len={short}", f"data.batch_size={per // short}",
                        f"trainer.max_steps={stage_steps}", *stage.get("train", []), *extra],
-                stage=True)  # fmt: skip
+                stage=name)  # fmt: skip
             init = [f"init_from={out / warm / 'checkpoints' / 'last.ckpt'}"]
         add(name, [*shared, f"data.seq_len={length}", f"data.batch_size={per // length}",
                    f"trainer.max_steps={steps}", *init, *extra])  # fmt: skip
@@ -124,12 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     spec = study.load_study(a.config)
     name = spec.name + ("_quick" if a.quick else "")
     out = Path(a.out or study.ROOT / "runs" / name)
-    runs = plan(spec, a.set, a.quick, out)
+    runs = plan(spec, out, a.set, a.quick)
     wanted = [r["name"] for r in study.select(runs, a.only, a.config) if not r.get("stage")]
     if a.shard:
         wanted = wanted[shard(a.shard)]
-    # a run's curriculum stage goes with it
-    runs = [r for r in runs if r["name"] in wanted or r["name"].rsplit(".", 1)[0] in wanted]
+    runs = [r for r in runs if r.get("stage", r["name"]) in wanted]  # stages go with their run
     for r in runs:
         mflop = attention_gflop(r["cfg"], int(spec.seq_len)) * 1e3
         study.say(f"plan: {r['name']}: {r['cfg'].model.attention} {mflop:.2f} MFLOP/token")
@@ -147,15 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
     return report(spec, runs, lengths, out, name)
 
 
-def curriculum_text(spec, runs: list[dict]) -> str:
-    """How the curriculum stage trained, for the table's caption ('' without one)."""
-    stage = spec.get("curriculum")
-    if stage is None:
+def curriculum_text(spec, stages: list[dict]) -> str:
+    """How the curriculum stages trained, for the table's caption ('' without any)."""
+    if not stages:
         return ""
-    steps = {r["cfg"].trainer.get("max_steps") for r in runs if r.get("stage")}
-    steps = ", ".join(str(s) for s in sorted(steps)) or stage.steps
-    return (f", each after {steps} steps at {stage.seq_len} tokens "
-            f"({' '.join(stage.get('train', []))}) whose weights it starts from")  # fmt: skip
+    steps = ", ".join(str(s) for s in sorted({r["cfg"].trainer.get("max_steps") for r in stages}))
+    overrides = " ".join(spec.curriculum.get("train", []))
+    return (f", each after {steps} steps at {spec.curriculum.seq_len} tokens ({overrides}) "
+            "whose weights it starts from")  # fmt: skip
 
 
 def last(values: dict[int, float]) -> float:
@@ -178,10 +175,10 @@ def report(spec, runs, lengths, out: Path, name: str) -> dict:
     longest, n = lengths[-1], int(spec.seq_len)
     seconds = sum(r["train"]["train_seconds"] for r in runs)
     stage_runs = [r for r in runs if r.get("stage")]
-    stages = {r["name"]: r for r in stage_runs}
+    stages = {r["stage"]: r for r in stage_runs}
     runs = [r for r in runs if not r.get("stage")]
     for r in runs:
-        stage = stages.get(f"{r['name']}.{spec.curriculum.seq_len}") if stages else None
+        stage = stages.get(r["name"])
         r["train_seconds"] = r["train"]["train_seconds"] + (
             stage["train"]["train_seconds"] if stage else 0
         )
