@@ -60,12 +60,14 @@ throughput: $(STAMP)
 seqpar: $(STAMP)
 	$(PY) -m experiments.sequence_parallel
 
-# one training step of the tiny LongNet at 32K-1M tokens, memory savers off and on (#13)
-longrange: $(STAMP)  # two one-thread processes, then the table of all (53 min measured, split by hand)
+# recall by distance per attention: two one-thread processes, then the table of all (#14;
+# 53 min measured with the runs split by hand)
+longrange: $(STAMP)
 	$(PY) -m experiments.long_range --threads 1 --shard 0/2 & a=$$!; \
 	$(PY) -m experiments.long_range --threads 1 --shard 1/2; b=$$?; \
 	wait $$a && test $$b = 0 && $(PY) -m experiments.long_range
 
+# one training step of the tiny LongNet at 32K-1M tokens, memory savers off and on (#13)
 longseq: $(STAMP)
 	$(PY) -m experiments.long_sequence
 
