@@ -1,7 +1,7 @@
 """Every setting of a training run and of an evaluation: typed dataclasses, the only schema.
 
 A run is a :class:`RunConfig`: ``model`` (``models.transformer.ModelConfig``), ``data``
-(``data.config.DataConfig``), ``optim`` (``lightning_modules.lm.OptimConfig``),
+(``data.config.DataConfig``), ``optim`` (``lightning_modules.optim.OptimConfig``),
 ``checkpoint``, ``trainer`` (``lightning.Trainer``'s own arguments, passed as they are) and the
 run keys below. An evaluation is an :class:`EvalConfig`. Each class keeps its checks in
 ``__post_init__``; the comment beside each field is its documentation, and
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Literal, Optional, get_type_hints
 
 from data.config import DataConfig
-from lightning_modules.lm import OptimConfig
+from lightning_modules.optim import OptimConfig  # Lightning-free: a config loads without it
 from models.loss import check_chunk
 from models.transformer import ModelConfig
 
@@ -69,7 +69,7 @@ class RunConfig:
     loss_chunk: int = 8192  # tokens per chunk of the output layer and loss: no tokens x vocab
     model: ModelConfig = field(default_factory=ModelConfig)  # models.transformer.ModelConfig
     data: DataConfig = field(default_factory=DataConfig)  # data.config.DataConfig
-    optim: OptimConfig = field(default_factory=OptimConfig)  # lightning_modules.lm.OptimConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)  # lightning_modules.optim.OptimConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # when to save
     trainer: dict[str, Any] = field(default_factory=_trainer_defaults)  # lightning.Trainer's own
 

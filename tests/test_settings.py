@@ -82,3 +82,27 @@ def test_empty_yaml_is_an_empty_mapping(tmp_path):
     empty = tmp_path / "e.yaml"
     empty.write_text("# nothing but a comment\n")
     assert load_run_config([str(empty)]).model.d_model == 256
+
+
+def test_loading_the_schema_does_not_import_lightning():
+    """A config loads (and default.yaml is generated) without Lightning: settings.schema holds
+    OptimConfig from a Lightning-free module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, settings.schema; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'lightning_fabric')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_unknown_optim_key_names_it_and_the_accepted_ones():
+    from lightning_modules.optim import OptimConfig
+
+    assert OptimConfig.from_dict({"lr": 1e-3}).lr == 1e-3 and OptimConfig.from_dict(None).lr > 0
+    with pytest.raises(ValueError, match=r"unknown optim keys \['lrate'\]; accepted: .*'lr'"):
+        OptimConfig.from_dict({"lrate": 1e-3})
