@@ -16,6 +16,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from data.datamodule import LongContextDataModule
 from lightning_modules.lm import CausalLM
+from lightning_modules.nonfinite import NonFiniteGuard
+from lightning_modules.throughput import Throughput
 from models.positional import check_xpos_range
 from models.transformer import ModelConfig, TransformerLM
 from pipeline.checkpoints import AtomicCheckpointIO, load_weights, resolve_resume
@@ -82,21 +84,11 @@ def progress_callbacks(cfg: RunConfig) -> list:
     return [LineProgressBar(every=cfg.trainer.get("log_every_n_steps") or 50)]
 
 
-def build(cfg: RunConfig):
-    """Returns (trainer, module, datamodule, ckpt_path) for ``trainer.fit``."""
-    check_writable(cfg.run_dir)
-    ckpt_path = resolve_resume(cfg.resume, checkpoint_dir(cfg), cfg.run_dir)
-    datamodule = LongContextDataModule(cfg.data, context_parallel=cfg.context_parallel)
-    datamodule.setup()  # trains the tokenizer / fills the cache once; checks the corpus
-    mc = model_config(cfg, datamodule.vocab_size)
-    plain = dataclasses.asdict(cfg)
-    module = CausalLM(mc.to_dict(), plain["optim"], run_config=plain)
-    if cfg.init_from and not ckpt_path:  # a resumed run has its own, trained weights
-        step = load_weights(module, cfg.init_from)
-        log.info("weights from %s (step %d); optimizer, schedule and data start afresh",
-                 cfg.init_from, step)  # fmt: skip
-    run_dir = Path(cfg.run_dir)
-    callbacks = [
+def callbacks(cfg: RunConfig) -> list[L.Callback]:
+    """What a run does besides training (lightning_modules/lm.py): checkpoints, not applying a
+    diverged step (optim.nonfinite), throughput logs, saving and stopping on a signal,
+    progress."""
+    return [
         ModelCheckpoint(
             dirpath=checkpoint_dir(cfg),
             save_last=True,
@@ -105,16 +97,40 @@ def build(cfg: RunConfig):
             filename="step{step:07d}",
             auto_insert_metric_name=False,
         ),
+        NonFiniteGuard(cfg.optim.nonfinite, cfg.optim.max_nonfinite_steps),
+        Throughput(cfg.context_parallel),
         Preemption(cfg.run_dir),
         *progress_callbacks(cfg),
     ]
+
+
+def build(cfg: RunConfig):
+    """Returns (trainer, module, datamodule, ckpt_path) for ``trainer.fit``."""
+    check_writable(cfg.run_dir)
+    ckpt_path = resolve_resume(cfg.resume, checkpoint_dir(cfg), cfg.run_dir)
+    datamodule = LongContextDataModule(cfg.data, context_parallel=cfg.context_parallel)
+    datamodule.setup()  # trains the tokenizer / fills the cache once; checks the corpus
+    mc = model_config(cfg, datamodule.vocab_size)
+    plain = dataclasses.asdict(cfg)
+    module = CausalLM(
+        mc.to_dict(),
+        plain["optim"],
+        context_parallel=cfg.context_parallel,
+        loss_chunk=cfg.loss_chunk,
+        run_config=plain,
+    )
+    if cfg.init_from and not ckpt_path:  # a resumed run has its own, trained weights
+        step = load_weights(module, cfg.init_from)
+        log.info("weights from %s (step %d); optimizer, schedule and data start afresh",
+                 cfg.init_from, step)  # fmt: skip
+    run_dir = Path(cfg.run_dir)
     # a new version_N per launch, so a resumed run adds its logs beside the earlier ones
     loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
     trainer_args = {**cfg.trainer, "precision": resolve_precision(cfg)}
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=loggers,
-        callbacks=callbacks,
+        callbacks=callbacks(cfg),
         plugins=[AtomicCheckpointIO()],
         **trainer_args,
     )

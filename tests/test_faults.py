@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from data.cache_files import damage
-from lightning_modules.lm import FORMAT_KEY, CausalLM, NonFiniteLoss
+from lightning_modules.lm import FORMAT_KEY, CausalLM
+from lightning_modules.nonfinite import NonFiniteLoss
 from pipeline import checkpoints
 from pipeline.checkpoints import CheckpointWriteError
 from pipeline.outputs import metric

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.lm import CausalLM, lr_factor
+from lightning_modules.lm import CausalLM
+from lightning_modules.optim import lr_factor
 from pipeline.outputs import metric
 from pipeline.training import train
 from settings.loading import ConfigError, load_run_config, split_argv
@@ -132,6 +133,26 @@ def test_init_from_copies_weights_only(tiny_args, tmp_path):
         train(tiny_args(tmp_path / "wide", f"init_from={ckpt}", "model.d_model=64"))
     with pytest.raises(ConfigError, match="does not exist"):
         train(tiny_args(tmp_path / "none", "init_from=/gone.ckpt"))
+
+
+def test_checkpoint_saved_before_the_explicit_arguments_loads(tmp_path):
+    """Hyper-parameters of the old signature (model, optim, run_config; context_parallel and
+    loss_chunk were read from run_config) still rebuild the module, with their defaults."""
+    import lightning
+
+    model = dict(vocab_size=64, d_model=32, n_layer=1, n_head=4, d_ff=64,
+                 segment_lengths=[8, 16], dilation_rates=[1, 2])  # fmt: skip
+    saved = CausalLM(model, {"lr": 1e-3})
+    old = {"model": model, "optim": {"lr": 1e-3},
+           "run_config": {"context_parallel": 1, "loss_chunk": 4096}}  # fmt: skip
+    ckpt = {"state_dict": saved.state_dict(), "hyper_parameters": old,
+            "pytorch-lightning_version": lightning.__version__}  # fmt: skip
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    module = CausalLM.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert module.optim.lr == 1e-3 and (module.context_parallel, module.loss_chunk) == (1, 8192)
+    assert module.hparams.run_config["loss_chunk"] == 4096
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(tensor, module.state_dict()[name]), name
 
 
 def test_lr_schedule_shapes():
