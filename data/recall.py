@@ -3,11 +3,12 @@ MQAR, Arora et al. 2023, "Zoology"), a task whose answer sits a chosen distance 
 
 A sequence is a row of 4-token slots. A *record* slot ``SET k v f`` binds key ``k`` to value
 ``v``; a later *query* slot ``ASK k v f`` asks for it, and the query's ``v`` is the only scored
-token (its label; every other label is ``IGNORE``). Every other slot is filler: four tokens
-drawn from ``filler`` noise tokens (``f`` above is one too). The *distance* of a query is the
-number of tokens from its record's slot to its own, a multiple of 4, at least 4: to answer, the
-model must carry ``v`` from the record to the query, ``distance`` positions ahead. Keys are
-distinct inside a sequence, so every answer is unambiguous; values are drawn independently.
+token (its label; every other label is ``IGNORE_INDEX``, not scored: data/batch.py). Every
+other slot is filler: four tokens drawn from ``filler`` noise tokens (``f`` above is one too).
+The *distance* of a query is the number of tokens from its record's slot to its own, a
+multiple of 4, at least 4: to answer, the model must carry ``v`` from the record to the query,
+``distance`` positions ahead. Keys are distinct inside a sequence, so every answer is
+unambiguous; values are drawn independently.
 
 Training sequences draw each query's distance log-uniformly in ``[min_distance, max_distance]``
 (``recall_max_distance`` null: the sequence length); evaluation sequences (:func:`sequence`
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-IGNORE = -100  # label of a token that is not scored
+from data.batch import IGNORE_INDEX
+
 SLOT = 4  # tokens per slot
 STREAMS = {"train": 0, "val": 1, "test": 2}  # disjoint random streams
 
@@ -125,7 +127,7 @@ def check_layout(cfg) -> None:
 @dataclass
 class Sequence:
     """One sequence: ``tokens (L + 1,)`` int64; ``labels (L,)`` the next token where it is an
-    answer, else IGNORE; ``distances (L,)`` the answer's distance there, else 0."""
+    answer, else IGNORE_INDEX; ``distances (L,)`` the answer's distance there, else 0."""
 
     tokens: np.ndarray
     labels: np.ndarray
@@ -143,7 +145,7 @@ def sequence(layout: Layout, length: int, rng: np.random.Generator,
     free[-1] = (length + 1) % SLOT == 0  # a partial last slot cannot hold a whole query
     lo = max(1, layout.min_distance // SLOT)
     hi = max(lo, min(layout.max_distance or length, length) // SLOT)
-    labels = np.full(length, IGNORE, dtype=np.int64)
+    labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
     distances = np.zeros(length, dtype=np.int64)
     keys = rng.permutation(layout.keys)[: layout.records_at(length)]
     for key in keys:
@@ -178,10 +180,10 @@ def sequence_rng(seed: int, stream: str, index: int, distance: int = 0) -> np.ra
 
 
 def item(seq: Sequence, index: int) -> dict:
+    """A batch row as every source yields it (data/batch.py): only the answers are scored."""
     return {
         "input_ids": torch.from_numpy(seq.tokens[:-1].copy()),
         "labels": torch.from_numpy(seq.labels),
-        "distances": torch.from_numpy(seq.distances),
         "index": int(index),
     }
 

@@ -33,6 +33,8 @@ def split_for(model: sc.Model, split: str) -> str:
 
 
 def evaluate(argv: list[str] | EvalConfig) -> list[sc.Result]:
+    """One Result per checkpoint, in order, whichever measurement its data asks for (a
+    language model's perplexity, a recall task's accuracy); the files go to out_dir."""
     cfg = argv if isinstance(argv, EvalConfig) else load_eval_config(*split_argv(argv))
     made_group = cfg.context_parallel > 1 and not dist.is_initialized()
     try:
@@ -92,21 +94,23 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
     return results
 
 
-def evaluate_recall(models, lengths, cfg: EvalConfig, device) -> list[dict]:
+def evaluate_recall(models, lengths, cfg: EvalConfig, device) -> list[sc.Result]:
     """Answer accuracy by (length, distance) of recall checkpoints (pipeline/recall_probe.py),
-    written into out_dir all at once."""
-    rows = []
+    written into out_dir all at once; each model's rows in its Result's ``recall``."""
+    results = []
     for model in models:
         log.info("%s: recall accuracy at lengths %s", model.name, lengths)
-        rows += recall_probe.score(model, lengths, cfg.distances, cfg.recall_sequences,
-                                   cfg.batch_tokens, device)  # fmt: skip
+        rows = recall_probe.score(model, lengths, cfg.distances, cfg.recall_sequences,
+                                  cfg.batch_tokens, device)  # fmt: skip
+        results.append(sc.Result(model.label, recall=rows))
+    rows = [row for r in results for row in r.recall]
     tmp = staging(Path(cfg.out_dir))
     written = recall_probe.write(rows, models, tmp)
     _move(tmp, Path(cfg.out_dir))
     print("answer accuracy by record-to-query distance (held-out test stream)")
     print(recall_probe.table(rows))
     print(f"wrote {cfg.out_dir}/" + ", ".join(written))
-    return rows
+    return results
 
 
 def staging(out_dir: Path) -> Path:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.recall import IGNORE, SLOT, Layout, RecallSet
+from data.batch import scored
+from data.recall import SLOT, Layout, RecallSet
 from pipeline.scoring import not_reached
 
 log = logging.getLogger("eval")
@@ -75,7 +76,7 @@ def score(model, lengths: list[int], distances, count: int, batch_tokens: int, d
                     items = [data[i] for i in range(start, min(count, start + per))]
                     inputs = torch.stack([x["input_ids"] for x in items]).to(device)
                     labels = torch.stack([x["labels"] for x in items]).to(device)
-                    keep = labels != IGNORE
+                    keep = scored(labels)
                     hidden = net.hidden(inputs)[keep]  # (answers, C)
                     logp = F.log_softmax((hidden @ net.lm_head.weight.t()).float(), dim=-1)
                     target = labels[keep]

@@ -71,12 +71,17 @@ class AtLength:
 
 @dataclass
 class Result:
+    """What eval.py measured of one checkpoint (evaluate returns one per checkpoint): a
+    language model's perplexity by length, prompting curve, position profile and span probe,
+    or a task's (``data.source=recall``) answer accuracy by length and distance."""
+
     label: str
     documents: list[str] = field(default_factory=list)  # names of the scored documents
     lengths: dict[int, AtLength] = field(default_factory=dict)
     prompting: dict[int, float] = field(default_factory=dict)  # P -> mean NLL (NaN: not run)
     positions: list = field(default_factory=list)  # (bucket start, bucket end, mean NLL)
     span: list = field(default_factory=list)  # repeated-span probe rows (pipeline/span_probe)
+    recall: list[dict] = field(default_factory=list)  # accuracy rows (pipeline/recall_probe)
 
 
 def not_reached(err: Exception) -> str | None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.batch import IGNORE_INDEX as IGNORE
 from data.config import DataConfig
-from data.recall import IGNORE, SLOT, Layout, RecallSet, RecallStream, sequence, sequence_rng
+from data.recall import SLOT, Layout, RecallSet, RecallStream, sequence, sequence_rng
 
 LAYOUT = Layout(keys=64, values=32, filler=8, records=12, seq_len=256)
 
@@ -158,8 +159,10 @@ def test_recall_run_trains_logs_accuracy_and_resumes_exactly(tiny_args, tmp_path
     from pipeline.evaluation import evaluate
 
     out = tmp_path / "eval"
-    rows = evaluate([f"checkpoints=[{straight}/checkpoints/last.ckpt]", "context_lengths=[64]",
-                     f"out_dir={out}", "recall_sequences=2"])  # fmt: skip
+    [result] = evaluate([f"checkpoints=[{straight}/checkpoints/last.ckpt]",
+                         "context_lengths=[64]", f"out_dir={out}",
+                         "recall_sequences=2"])  # fmt: skip
+    rows = result.recall
     assert [r["distance"] for r in rows] == [16, 32] and (out / "recall_heatmap.png").exists()
 
 
