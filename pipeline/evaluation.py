@@ -1,14 +1,13 @@
-"""eval.py's work, callable in-process: perplexity by context length for checkpoints, the
-prompting curve and the position profile, written into out_dir all at once at the end (a failed
-run leaves an existing out_dir untouched). Method: pipeline/scoring.py."""
+"""eval.py's work, callable in-process: for each checkpoint, perplexity by context length, the
+prompting curve and the position profile (a language model), or answer accuracy by distance (a
+recall task), one Result each. Method: pipeline/scoring.py; files: pipeline/eval_files.py,
+written into out_dir all at once at the end (a failed run leaves an existing out_dir
+untouched)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,8 +15,8 @@ import torch.distributed as dist
 
 from pipeline import recall_probe, span_probe
 from pipeline import scoring as sc
+from pipeline.eval_files import write_outputs, write_recall
 from pipeline.progress import Progress
-from pipeline.report import line_plot, markdown_table
 from settings.loading import ConfigError, load_eval_config, split_argv
 from settings.schema import EvalConfig
 
@@ -103,27 +102,8 @@ def evaluate_recall(models, lengths, cfg: EvalConfig, device) -> list[sc.Result]
         rows = recall_probe.score(model, lengths, cfg.distances, cfg.recall_sequences,
                                   cfg.batch_tokens, device)  # fmt: skip
         results.append(sc.Result(model.label, recall=rows))
-    rows = [row for r in results for row in r.recall]
-    tmp = staging(Path(cfg.out_dir))
-    written = recall_probe.write(rows, models, tmp)
-    _move(tmp, Path(cfg.out_dir))
-    print("answer accuracy by record-to-query distance (held-out test stream)")
-    print(recall_probe.table(rows))
-    print(f"wrote {cfg.out_dir}/" + ", ".join(written))
+    write_recall(results, models, Path(cfg.out_dir))
     return results
-
-
-def staging(out_dir: Path) -> Path:
-    """A fresh folder beside ``out_dir`` (same file system: moving out of it is a rename)."""
-    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.absolute().parent))
-
-
-def _move(tmp: Path, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in tmp.iterdir():
-        os.replace(f, out_dir / f.name)  # a rename: each file is old or new, never partial
-    tmp.rmdir()
 
 
 def context_group(processes: int, device: torch.device):
@@ -182,93 +162,3 @@ def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet
                 raise
             log.warning("%s: repeated-span probe not run at %d: %s", model.name, n, err)
     return res
-
-
-# ----------------------------------------------------------------------------------------------
-# outputs
-
-
-def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path) -> None:
-    """Everything into a fresh directory first, then moved into out_dir in one go."""
-    tmp = staging(out_dir)
-    corpus = f"{cfg.data.source or 'own corpus'}, {' / '.join(sorted(set(split_names)))} split"
-    rows = [
-        {
-            "model": r.label,
-            "context_length": n,
-            "ppl": "" if a.ppl is None else a.ppl,
-            "tokens": a.tokens,
-            "note": a.reason or "",
-            "documents": len(r.documents),
-        }
-        for r in results
-        for n, a in r.lengths.items()
-    ]
-    _csv(tmp / "ppl_vs_context.csv", rows)
-    (tmp / "ppl_vs_context.json").write_text(
-        json.dumps({"method": sc.POLICY, "corpus": corpus, "rows": rows}, indent=1)
-    )
-    _csv(tmp / "documents.csv", [
-        {"model": r.label, "split": s, "document": d}
-        for r, s in zip(results, split_names, strict=True) for d in r.documents
-    ])  # fmt: skip
-    _csv(tmp / "prompting.csv", [
-        {"model": r.label, "prompt_length": p, "suffix": cfg.suffix, "mean_nll": v}
-        for r in results for p, v in r.prompting.items()
-    ])  # fmt: skip
-    _csv(tmp / "positions.csv", [
-        {"model": r.label, "from": a, "to": b, "mean_nll": v}
-        for r in results for a, b, v in r.positions
-    ])  # fmt: skip
-    _csv(tmp / "repeated_span.csv", [
-        {"model": r.label, **row} for r in results for row in r.span
-    ])  # fmt: skip
-    line_plot(tmp / "repeated_span.png",
-              {r.label: {row["distance"]: row["drop"] for row in r.span} for r in results},
-              "distance of the earlier copy (tokens)", "NLL drop on the repeated span (nats)",
-              f"repeated-span probe: {cfg.span_length}-token spans, {corpus}",
-              fontsize=7)  # fmt: skip
-    cap = cfg.max_tokens_per_document
-    title = f"{corpus}; {sc.POLICY}" + (f"; first {cap} tokens of each" if cap else "")
-    ppl_curves = {r.label: {n: a.ppl for n, a in r.lengths.items()} for r in results}
-    line_plot(tmp / "ppl_vs_context.png", ppl_curves, "context length (tokens)", "perplexity",
-              title, fontsize=7)  # fmt: skip
-    line_plot(tmp / "prompting.png", {r.label: r.prompting for r in results},
-              "prompt length (tokens)", f"mean NLL of the final {cfg.suffix} tokens", corpus,
-              fontsize=7)  # fmt: skip
-    _move(tmp, out_dir)
-    print(table(results, lengths, title))
-    if any(r.span for r in results):
-        print(span_table(results))
-    print(f"wrote {out_dir}/ppl_vs_context.{{csv,json,png}}, prompting.{{csv,png}}, "
-          "positions.csv, documents.csv, repeated_span.{csv,png}")  # fmt: skip
-
-
-def span_table(results) -> str:
-    dists = sorted({row["distance"] for r in results for row in r.span})
-    rows = [[r.label] + [next((f"{x['drop']:.3f}" for x in r.span if x["distance"] == d), "")
-                         for d in dists] for r in results]  # fmt: skip
-    return "repeated-span probe: NLL drop (nats/token) with an earlier copy d tokens back\n" + (
-        markdown_table(["model", *(f"d={d}" for d in dists)], rows)
-    )
-
-
-def table(results, lengths, title) -> str:
-    rows = [
-        [r.label, str(len(r.documents))]
-        + [f"{a.ppl:.2f}" if a.ppl is not None else "n/a" for a in r.lengths.values()]
-        for r in results
-    ]
-    text = markdown_table(["model", "docs", *map(str, lengths)], rows)
-    tokens = ["/".join(str(a.tokens) for a in r.lengths.values() if a.ppl) for r in results]
-    return f"perplexity by context length ({title})\n{text}\nscored tokens per length: " + (
-        "; ".join(tokens)
-    )
-
-
-def _csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
