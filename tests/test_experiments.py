@@ -1,11 +1,11 @@
 """Each experiment script runs end to end on a micro setting and writes its outputs."""
 
 import csv
-import json
 
 import pytest
 
-from experiments import attention_scaling, model_cost
+from experiments.bench import attention_scaling, model_cost
+from experiments.provenance import rows_of
 
 
 def test_attention_scaling_micro(tmp_path, capsys):
@@ -53,28 +53,28 @@ def test_model_cost_micro(tmp_path, capsys):
     assert "| longnet_tiny | dilated |" in capsys.readouterr().out
 
 
-def test_sequence_parallel_micro(tmp_path, capsys):
+def test_context_parallel_micro(tmp_path, capsys):
     """Two worlds, one size: the bytes counted at the collectives are the formula's."""
-    from experiments import sequence_parallel as sp
+    from experiments.bench import context_parallel as sp
 
     sp.main(["--worlds", "1", "2", "--sizes", "4096", "--repeats", "1", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "seqpar.json").read_text())
+    rows = rows_of(tmp_path / "context_parallel.json")
     assert [(r["P"], r["n"]) for r in rows] == [(1, 4096), (2, 4096)]
     assert rows[0]["fwd_received"] == 0
     assert rows[1]["fwd_received"] == sp.formula_received(4096, 2) * 4  # fp32 bytes
     assert rows[1]["fwdbwd_sent"] + rows[1]["fwdbwd_received"] > rows[1]["fwd_received"]
     out = capsys.readouterr().out
     assert "| 2 | 4K |" in out and "projection, 1B tokens" in out
-    assert (tmp_path / "seqpar.png").exists()
+    assert (tmp_path / "context_parallel.png").exists()
 
 
 def test_long_sequence_micro(tmp_path, capsys):
     """Each (N, mode) in its own process: the memory savers lower the peak per token."""
-    from experiments import long_sequence
+    from experiments.bench import long_sequence
 
     long_sequence.main(["--lengths", "2048", "--chunk", "512", "--out", str(tmp_path),
                         "--repeats", "1"])  # fmt: skip
-    rows = {r["mode"]: r for r in json.loads((tmp_path / "longseq.json").read_text())}
+    rows = {r["mode"]: r for r in rows_of(tmp_path / "longseq.json")}
     assert all(r["status"] == "ok" for r in rows.values())
     assert rows["saving"]["peak_mib"] < rows["plain"]["peak_mib"]
     for mode in ("chunked", "saving", "sublayer"):
@@ -85,7 +85,7 @@ def test_long_sequence_micro(tmp_path, capsys):
 
 def test_long_sequence_estimate_splits_what_each_mode_keeps():
     """The estimate's coefficients reproduce the measured model, and scale as documented."""
-    from experiments.long_sequence import coefficients, estimate
+    from experiments.bench.long_sequence import coefficients, estimate
 
     mib = lambda n, per_token: {"peak_mib": n * per_token / 2**20}  # noqa: E731
     rows = [{"n": 4096, "mode": m, "status": "ok", **mib(4096, b)}

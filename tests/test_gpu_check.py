@@ -4,7 +4,7 @@ CPU sizes), its training command passes the config checks, its report holds ever
 import pytest
 import torch
 
-from experiments import gpu_check
+from experiments.tools import gpu_check
 from pipeline.build import model_config
 from settings.loading import load_run_config, split_argv
 

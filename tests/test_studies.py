@@ -6,7 +6,9 @@ import math
 import pytest
 import yaml
 
-from experiments import ablate_dilation, paper_table2, study
+from experiments.studies import ablate_dilation, long_range, paper_table2
+from experiments.studies import runner as study
+from experiments.studies.schema import Table2Study, load_study
 from settings.loading import load_run_config
 from tests.support.runs import TINY_CONFIG
 
@@ -155,8 +157,8 @@ def test_ablation_micro_end_to_end_and_resume(corpus, tmp_path, capsys):
 
 
 def test_set_overrides_every_run_and_is_checked():
-    spec = study.load_study(study.ROOT / "configs" / "study" / "paper_table2_tiny.yaml")
-    runs = paper_table2.plan(spec, ["seed=7", "model.n_layer=2"])
+    spec = load_study(study.ROOT / "configs" / "study" / "paper_table2_tiny.yaml", Table2Study)
+    runs = [vars(r) for r in paper_table2.plan(spec, ["seed=7", "model.n_layer=2"])]
     assert all(r["cfg"].seed == 7 and r["cfg"].model.n_layer == 2 for r in runs)
     with pytest.raises(study.ConfigError, match="unknown key model.n_layers"):
         paper_table2.plan(spec, ["model.n_layers=2"])
@@ -164,8 +166,6 @@ def test_set_overrides_every_run_and_is_checked():
 
 def test_long_range_plan_builds_every_run(capsys):
     """Every run of the long-range study resolves and builds (meta device), quick included."""
-    from experiments import long_range
-
     assert long_range.main(["--dry-run"]) == {}
     out = capsys.readouterr().out
     assert out.count("plan: ") == 18 and "longnet_stretch.64: dilated" in out
@@ -179,7 +179,7 @@ def test_long_range_plan_builds_every_run(capsys):
 
 
 def test_long_range_area_is_the_mean_over_the_log_grid():
-    from experiments.long_range import area
+    from experiments.studies.long_range import area
 
     rows = [{"length": 64, "distance": d, "accuracy": a, "note": ""}
             for d, a in ((16, 1.0), (32, 0.5), (64, 0.0))]  # fmt: skip
@@ -187,8 +187,6 @@ def test_long_range_area_is_the_mean_over_the_log_grid():
 
 
 def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
-    from experiments import long_range
-
     spec = {
         "name": "micro_long_range",
         "model": "configs/model/transformer_tiny.yaml",
@@ -232,3 +230,88 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "finished before, skipped" in log and "evaluated before, skipped" in log
     assert "dense.32: finished before, skipped" in log and "longnet.32" not in log
+
+
+# -- the typed study config: checked before anything trains ------------------------------------
+
+SCHEMAS = {
+    "paper_table2_tiny": "Table2Study",
+    "paper_table2_paper": "Table2Study",
+    "ablate_dilation_tiny": "AblationStudy",
+    "long_range_tiny": "LongRangeStudy",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_shipped_study_loads_under_its_schema(name):
+    from experiments.studies import schema
+
+    spec = load_study(
+        study.ROOT / "configs" / "study" / f"{name}.yaml", getattr(schema, SCHEMAS[name])
+    )
+    assert spec.name == name and spec.eval.context_lengths
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Any attempt to train fails the test: the errors below must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run trained before the study's config was checked")
+
+    monkeypatch.setattr(study, "train", refuse)
+
+
+def ablation_with(tmp_path, corpus, **sections):
+    spec = {
+        "name": "micro_ablation",
+        "model": "configs/model/longnet_tiny.yaml",
+        "seq_len": 32,
+        "tokens_per_batch": 64,
+        "steps": 2,
+        "schedules": {"flat": {"segment_lengths": [32], "dilation_rates": [1]}},
+        "train": micro_train(corpus),
+        "eval": {"context_lengths": [16, 64], "args": ["split=val"]},
+        "bench": {"seq_len": 64, "repeats": 1},
+        **sections,
+    }
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize(
+    "sections,message",
+    [
+        ({"bench": {"seq_lenn": 64}},
+         r"unknown key bench\.seq_lenn in study config .*ablation\.yaml.*"
+         r"did you mean bench\.seq_len\?"),
+        ({"eval": {"context_length": [16]}}, r"unknown key eval\.context_length in study config"),
+        ({"bench": {"seq_len": 64, "repeats": "three"}}, r"bench\.repeats in study config"),
+        ({"eval": {"args": ["split=val"]}}, r"eval\.context_lengths in study config .*missing"),
+        ({"stepz": 2}, r"unknown key stepz .*did you mean steps\?"),
+    ],
+)  # fmt: skip
+def test_a_typo_in_a_study_is_named_before_any_run_trains(
+    sections, message, tmp_path, corpus, no_training
+):
+    config = ablation_with(tmp_path, corpus, **sections)
+    with pytest.raises(study.ConfigError, match=message):
+        ablate_dilation.main(["--config", str(config), "--out", str(tmp_path / "study")])
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_typo_in_a_runs_train_overrides_fails_before_any_run_trains(
+    tmp_path, corpus, no_training
+):
+    config = micro_table2(corpus, tmp_path / "study.yaml")
+    spec = yaml.safe_load(config.read_text())
+    spec["runs"][2]["seq_lenn"] = 32
+    config.write_text(yaml.safe_dump(spec))
+    with pytest.raises(study.ConfigError, match=r"unknown key seq_lenn .*Table2Run"):
+        paper_table2.main(["--config", str(config)])
+    del spec["runs"][2]["seq_lenn"]
+    spec["train"].append("optim.lrr=1.0")  # the last run's train.py config is checked too
+    config.write_text(yaml.safe_dump(spec))
+    with pytest.raises(study.ConfigError, match=r"unknown key optim\.lrr"):
+        paper_table2.main(["--config", str(config)])

@@ -1,11 +1,11 @@
-"""experiments/throughput.py runs end to end on a micro setting and writes its outputs."""
+"""experiments/bench/throughput.py runs end to end on a micro setting and writes its outputs."""
 
 import csv
 import json
 
 import pytest
 
-from experiments import throughput
+from experiments.bench import throughput
 
 MODELS = ["longnet_tiny", "transformer_tiny", "sparse_transformer_tiny"]
 

@@ -1,19 +1,20 @@
 """One training step of the tiny LongNet at long N, with and without the memory savers.
 
-    python -m experiments.long_sequence                       # (make longseq)
-    python -m experiments.long_sequence --lengths 32768 131072 --modes plain saving
+    python -m experiments.bench.long_sequence                       # (make longseq)
+    python -m experiments.bench.long_sequence --lengths 32768 131072 --modes plain saving
 
-A step is what train.py does on one sequence: forward, loss, backward, an AdamW step. Modes:
-``plain`` (no checkpointing, the whole N x vocab logits: the loss as it was before #13),
+A step is what train.py does on one sequence: the LightningModule's training_step (forward and
+loss), backward, an AdamW step. Modes: ``plain`` (no checkpointing, the whole N x vocab logits
+in one loss chunk: the memory plain cross-entropy takes, as the loss was before #13),
 ``chunked`` (the chunked output layer and loss only), ``saving`` (chunked loss and
 ``model.checkpointing=layer``) and ``sublayer`` (chunked loss and
 ``model.checkpointing=sublayer``). The step time is the median of ``--repeats`` steps up to
 128K tokens (the first included: a step at long N is dominated by work, not warm-up), one
 step beyond. Each (N, mode) runs in its own process, so that its peak
 memory (resident-set growth above the process after building the model, sampled; see
-attention_scaling.py) is its own, and a length the machine cannot hold (the kernel kills the
+measure.py) is its own, and a length the machine cannot hold (the kernel kills the
 process) is reported as not reached rather than ending the run. Prints a markdown table of
-peak MiB per token and tokens/s; writes runs/longseq/longseq.json.
+peak MiB per token and tokens/s; writes experiments/results/long_sequence/longseq.json.
 
 Then an estimate (``estimate``; ``--estimate-only`` redoes it from a saved json): how long a
 sequence larger configs train on one GPU, from the measured per-token figures scaled by width,
@@ -34,59 +35,48 @@ bytes, twice) is reserved.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from experiments.attention_scaling import PeakMemory, fixed_mmap_threshold
-from models.loss import chunked_nll
+from experiments.bench.measure import (
+    RESULTS,
+    K,
+    PeakMemory,
+    fixed_mmap_threshold,
+    language_model,
+    median,
+    train_step,
+    window,
+)
+from experiments.provenance import rows_of, write_results
 from pipeline import report
 from settings.loading import model_config_named
 
-K = 1024
 MODES = ("plain", "chunked", "saving", "sublayer")
-
-
-def step(model, optimizer, tokens: torch.Tensor, mode: str, chunk: int) -> float:
-    """One training step; returns the loss."""
-    inputs, targets = tokens[:, :-1], tokens[0, 1:]
-    if mode == "plain":
-        loss = F.cross_entropy(model(inputs)[0], targets)
-    else:
-        hidden = model.hidden(inputs)[0]
-        loss = chunked_nll(hidden, model.lm_head.weight, targets, chunk).mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
 def _measure(n: int, mode: str, model_name: str, chunk: int, threads: int, repeats: int,
              queue) -> None:  # fmt: skip
     import dataclasses
 
-    from models.transformer import TransformerLM
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = model_config_named(model_name)
     recompute = {"saving": "layer", "sublayer": "sublayer"}.get(mode, "none")
     cfg = dataclasses.replace(cfg, checkpointing=recompute)
-    model = TransformerLM(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, cfg.vocab_size, (1, n + 1))
+    module = language_model(cfg, loss_chunk=n if mode == "plain" else chunk)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    batch = window(torch.randint(0, cfg.vocab_size, (1, n + 1)))
     seconds = []
     with PeakMemory(torch.device("cpu")) as mem:
         for _ in range(repeats):
             start = time.perf_counter()
-            loss = step(model, optimizer, tokens, mode, chunk)
+            loss = train_step(module, optimizer, batch)
             seconds.append(time.perf_counter() - start)
-    queue.put({"n": n, "mode": mode, "status": "ok", "step_s": float(np.median(seconds)),
+    queue.put({"n": n, "mode": mode, "status": "ok", "step_s": float(median(seconds)),
                "steps": len(seconds), "loss": loss, "peak_mib": mem.peak / 2**20})  # fmt: skip
 
 
@@ -182,7 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3, help="steps timed (median) at N <= ...")
     p.add_argument("--repeat-up-to", type=int, default=128 * K, help="... this; longer: one")
-    p.add_argument("--out", type=Path, default=Path("runs/longseq"))
+    p.add_argument("--out", type=Path, default=RESULTS / "long_sequence")
     p.add_argument("--targets", nargs="+", default=["longnet_base", "longnet_2_7b"],
                    help="configs in configs/model/ to estimate for")  # fmt: skip
     p.add_argument("--gpu-gb", type=float, default=141.0, help="GPU memory, 1e9 bytes")
@@ -194,10 +184,9 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.estimate_only:
-        rows = json.loads((args.out / "longseq.json").read_text())
+        rows = rows_of(args.out / "longseq.json")
         print(estimate(rows, args.model, args.targets, args.gpu_gb * 1e9, args.chunk))
         return
-    args.out.mkdir(parents=True, exist_ok=True)
     rows, stopped = [], set()
     for n in sorted(args.lengths):
         for mode in args.modes:
@@ -211,7 +200,7 @@ def main(argv=None) -> None:
                 if row["status"] == "ok" else ""), flush=True)  # fmt: skip
             if row["status"] != "ok":
                 stopped.add(mode)
-    (args.out / "longseq.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out / "longseq.json", rows)
     print(table(rows))
     print(f"wrote {args.out}/longseq.json\n\nestimate for one {args.gpu_gb:.0f} GB GPU:")
     print(estimate(rows, args.model, args.targets, args.gpu_gb * 1e9, args.chunk))

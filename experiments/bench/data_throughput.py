@@ -1,7 +1,7 @@
 """Tokens per second delivered by the training DataLoader (tokenizer trained, cache warm).
 
-    python -m experiments.data_throughput                   # stdlib corpus, 2 workers
-    python -m experiments.data_throughput --workers 0 1 2 --seq-len 8192 --batch-size 4
+    python -m experiments.bench.data_throughput                   # stdlib corpus, 2 workers
+    python -m experiments.bench.data_throughput --workers 0 1 2 --seq-len 8192 --batch-size 4
 
 Prepares the corpus first (a one-off: trains the tokenizer and fills the token cache, and says
 how long that took), then times --batches batches per setting after a warm-up, and prints a

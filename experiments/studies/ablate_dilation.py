@@ -1,14 +1,14 @@
 """Which dilation schedule? Train each of a grid for the same tokens, score and time them.
 
-    python -m experiments.ablate_dilation --config configs/study/ablate_dilation_tiny.yaml
-    python -m experiments.ablate_dilation --config ... --only w0=128_ratio=2 --dry-run
+    python -m experiments.studies.ablate_dilation --config configs/study/ablate_dilation_tiny.yaml
+    python -m experiments.studies.ablate_dilation --config ... --only w0=128_ratio=2 --dry-run
 
 The study YAML names one model config, one training length and token budget, and the
 schedules: a grid over (w0, ratio, reach, drop_largest) of geometric schedules (the paper's
 Section 2.2: w_i = w0 * ratio^i and r_i = ratio^i, pairs until w reaches ``reach``, then the
 ``drop_largest`` largest pairs removed), plus any named schedules. Each schedule trains the
 same model for the same number of steps (runs/<name>/<schedule>/, skipped once finished, see
-experiments/study.py), then:
+experiments/studies/runner.py), then:
 
 - eval.py: perplexity at each evaluation length and the prompting curve (mean NLL of the same
   final tokens given a growing prompt);
@@ -22,7 +22,6 @@ it), results.json, ppl_vs_context.png and prompting.png.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
@@ -30,10 +29,13 @@ from pathlib import Path
 
 import torch
 
-from experiments import study
-from experiments.attention_scaling import timed
+from experiments.bench.measure import timed
+from experiments.studies import runner
+from experiments.studies.runner import Result, Run, Study, checked_run
+from experiments.studies.schema import AblationStudy
 from models.attention.dilated import dilated_attention, validate_schedule
 from models.attention.sparse import dilated_keys_per_query
+from pipeline import outputs
 from pipeline.report import line_plot, markdown_table
 from settings.cli import run_cli
 from settings.loading import ConfigError
@@ -57,25 +59,20 @@ def geometric(w0: int, ratio: int, reach: int, drop_largest: int = 0) -> tuple[l
     return w[:keep], r[:keep]
 
 
-def schedules(spec) -> dict[str, tuple[list, list]]:
+def schedules(spec: AblationStudy) -> dict[str, tuple[list, list]]:
     """Name -> (w, r) for the grid's combinations and the named schedules, checked."""
     out = {}
-    grid = spec.get("grid") or {}
-    if grid:
-        keys = ["w0", "ratio", "reach", "drop_largest"]
-        unknown = sorted(set(grid) - set(keys))
-        if unknown:
-            raise ConfigError(f"grid keys {unknown} are not among {keys}")
-        values = [list(grid.get(k, [0] if k == "drop_largest" else [])) for k in keys]
-        for w0, ratio, reach, drop in itertools.product(*values):
+    grid = spec.grid
+    if grid is not None:
+        for w0, ratio, reach, drop in itertools.product(
+            grid.w0, grid.ratio, grid.reach, grid.drop_largest
+        ):
             name = f"w0={w0}_ratio={ratio}" + (f"_drop={drop}" if drop else "")
-            if len(values[2]) > 1:
+            if len(grid.reach) > 1:
                 name += f"_reach={reach}"
-            out[name] = geometric(int(w0), int(ratio), int(reach), int(drop))
-    for name, s in (spec.get("schedules") or {}).items():
-        out[str(name)] = ([int(x) for x in s.segment_lengths], [int(x) for x in s.dilation_rates])
-    if not out:
-        raise ConfigError("the study names no schedules: give a grid or schedules")
+            out[name] = geometric(w0, ratio, reach, drop)
+    for name, s in spec.schedules.items():
+        out[name] = (list(s.segment_lengths), list(s.dilation_rates))
     for name, (w, r) in out.items():
         try:
             validate_schedule(w, r)
@@ -84,29 +81,22 @@ def schedules(spec) -> dict[str, tuple[list, list]]:
     return out
 
 
-def plan(spec, extra: list[str] = ()) -> list[dict]:
-    length = int(spec.seq_len)
-    if spec.tokens_per_batch % length:
-        raise ConfigError(
-            f"tokens_per_batch={spec.tokens_per_batch} is not a multiple of seq_len={length}"
-        )
+def plan(spec: AblationStudy, extra: list[str] = (), out=None, args=None) -> list[Run]:
+    """One run per schedule, the same model, length and tokens (checked)."""
     runs = []
     for name, (w, r) in schedules(spec).items():
-        argv = [
-            str(study.ROOT / spec.model),
-            *spec.train,
-            "model.attention=dilated",
-            f"model.segment_lengths={w}",
-            f"model.dilation_rates={r}",
-            f"data.seq_len={length}",
-            f"data.batch_size={spec.tokens_per_batch // length}",
-            f"trainer.max_steps={spec.steps}",
-            *extra,
-        ]
-        cfg = study.resolve(argv)
-        study.build_on_meta(cfg)  # a schedule the model refuses fails here, before training
-        runs.append({"name": name, "w": w, "r": r, "argv": argv, "cfg": cfg})
+        argv = [str(runner.ROOT / spec.model), *spec.train, "model.attention=dilated",
+                f"model.segment_lengths={w}", f"model.dilation_rates={r}",
+                f"data.seq_len={spec.seq_len}",
+                f"data.batch_size={spec.tokens_per_batch // spec.seq_len}",
+                f"trainer.max_steps={spec.steps}", *extra]  # fmt: skip
+        runs.append(checked_run(name, argv, summary=f"w={w} r={r}", facts={"w": w, "r": r}))
     return runs
+
+
+def score(spec: AblationStudy, run: Run, run_dir: Path) -> dict:
+    ppl = runner.ppl_by_length(run_dir, spec)  # evaluates first: the prompting curve is its
+    return {"eval": ppl, "prompting": outputs.prompting(run_dir / "eval")}
 
 
 def attention_ms_per_1k(w, r, n: int, heads: int, head_dim: int, repeats: int) -> float:
@@ -123,41 +113,28 @@ def attention_ms_per_1k(w, r, n: int, heads: int, head_dim: int, repeats: int) -
     return 1000 * seconds / (n / 1024)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--config", default=str(study.ROOT / "configs" / "study" / "ablate_dilation_tiny.yaml")
-    )
-    study.add_arguments(p)
-    a = p.parse_args(argv)
-    spec = study.load_study(a.config)
-    runs = study.select(plan(spec, a.set), a.only, a.config)
-    for r in runs:
-        study.say(f"plan: {r['name']}: w={r['w']} r={r['r']}")
-    if a.dry_run:
-        return {}
-    study.set_threads(a.threads)
-    out = Path(a.out or study.ROOT / "runs" / spec.name)
-    lengths = [int(n) for n in spec.eval.context_lengths]
-
-    def score(r, run_dir):
-        r["eval"] = study.ppl_by_length(study.eval_run(run_dir, lengths, list(spec.eval.args)))
-        r["prompting"] = study.prompting(run_dir)
-
-    study.train_and_score(runs, out, score)
-    bench_n = int(spec.bench.seq_len)
-    for r in runs:  # after training: the benchmark wants a quiet process
-        m = r["cfg"].model
-        r["keys_per_query"] = dilated_keys_per_query(r["w"], r["r"], int(spec.seq_len), m.n_head)
-        r["attn_ms_per_1k"] = attention_ms_per_1k(
-            r["w"], r["r"], bench_n, m.n_head, m.d_model // m.n_head, int(spec.bench.repeats)
-        )
-    return report(spec, runs, lengths, out)
+def cost(spec: AblationStudy, run: Run) -> dict:
+    """What a schedule costs: keys per query (exact) and its attention's time alone."""
+    m, w, r = run.cfg.model, run.facts["w"], run.facts["r"]
+    return {
+        "keys_per_query": dilated_keys_per_query(w, r, spec.seq_len, m.n_head),
+        "attn_ms_per_1k": attention_ms_per_1k(
+            w, r, spec.bench.seq_len, m.n_head, m.d_model // m.n_head, spec.bench.repeats
+        ),
+    }
 
 
-def report(spec, runs, lengths, out: Path) -> dict:
+def finish(spec: AblationStudy, results: list[Result], out: Path, args=None) -> dict:
+    """Costs every schedule (after training: the benchmark wants a quiet process), then the
+    table."""
+    rows = [r.row(**cost(spec, r.run)) for r in results]
+    return report(spec, rows, out)
+
+
+def report(spec: AblationStudy, runs: list[dict], out: Path) -> dict:
+    lengths = list(spec.eval.context_lengths)
     longest = lengths[-1]
-    ranked = sorted(runs, key=lambda r: study.finite_or_inf(r["eval"].get(longest)))
+    ranked = sorted(runs, key=lambda r: runner.finite_or_inf(r["eval"].get(longest)))
     prompts = sorted({p for r in runs for p in r["prompting"]})
     header = ["rank", "schedule", "w", "r", f"keys/query @{spec.seq_len}"]
     header += [f"attn ms/1K tok @{spec.bench.seq_len}", "val ppl"]
@@ -190,14 +167,24 @@ def report(spec, runs, lengths, out: Path) -> dict:
         "perplexity",
         f"{spec.name}: trained at {spec.seq_len}",
     )
-    line_plot(
-        out / "prompting.png",
-        {r["name"]: r["prompting"] for r in runs},
-        "prompt length (tokens)",
-        "mean NLL of the same final tokens",
-        f"{spec.name}: prompting curve",
-    )
-    return study.write_report(out, text, {"runs": ranked}, ["ppl_vs_context.png", "prompting.png"])
+    line_plot(out / "prompting.png", {r["name"]: r["prompting"] for r in runs},
+              "prompt length (tokens)", "mean NLL of the same final tokens",
+              f"{spec.name}: prompting curve")  # fmt: skip
+    return runner.write_report(out, text, {"runs": ranked}, ["ppl_vs_context.png", "prompting.png"])
+
+
+STUDY = Study(
+    doc=__doc__,
+    schema=AblationStudy,
+    default_config=lambda a: runner.ROOT / "configs" / "study" / "ablate_dilation_tiny.yaml",
+    plan=plan,
+    score=score,
+    finish=finish,
+)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return runner.main(STUDY, argv)
 
 
 if __name__ == "__main__":

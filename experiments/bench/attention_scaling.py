@@ -1,7 +1,7 @@
 """How dilated attention scales with sequence length, against its kernel floor and dense SDPA.
 
-    python -m experiments.attention_scaling            # the full table (about 20 min on 2 cores)
-    python -m experiments.attention_scaling --quick    # 8K-32K, one repeat, a minute or two
+    python -m experiments.bench.attention_scaling          # the full table (~20 min on 2 cores)
+    python -m experiments.bench.attention_scaling --quick  # 8K-32K, one repeat, a minute or two
 
 For each N: forward (inference mode) and forward+backward time, median of --repeats runs, and
 peak memory, of `dilated_attention` with the paper's schedule (w = 2048..32768, r = 1..12),
@@ -10,87 +10,25 @@ B=1, H=12, D=64. Beside it, in the same run:
   sizes (for each pair, its segments folded into the batch), summed over the pairs. What
   dilated attention adds on top (gathers, mixing, scatters) is the ratio to this floor;
 - dense causal attention (torch SDPA) up to --dense-max.
-Writes runs/bench/attention_scaling.{csv,png} and prints a markdown table. Runs on CUDA
-unchanged (bf16 by default there); on CPU, peak memory is the sampled growth of the process's
-resident set, on CUDA torch's peak allocation.
+Writes experiments/results/attention_scaling/attention_scaling.{csv,png} and prints a markdown
+table. Runs on CUDA unchanged (bf16 by default there); on CPU, peak memory is the sampled
+growth of the process's resident set, on CUDA torch's peak allocation.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import os
 import statistics
-import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
+from experiments.bench.measure import PAPER_R, PAPER_W, RESULTS, K, fixed_mmap_threshold, timed
+from experiments.provenance import write_results
 from models.attention.backends import attention_backward, attention_forward
 from models.attention.dilated import dilated_attention
 from pipeline import report
-
-PAPER_W = [2048, 4096, 8192, 16384, 32768]
-PAPER_R = [1, 2, 4, 6, 12]
-K = 1024
-
-
-class PeakMemory:
-    """Peak memory growth (bytes) while the block runs: CUDA allocator, or sampled CPU RSS."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.top = _rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.top = max(self.top, _rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak = max(self.top, _rss()) - self.base
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def timed(fn, device, repeats: int) -> tuple[float, int]:
-    """Median seconds of ``repeats`` calls after one warm-up, and the peak memory of one."""
-    fn()
-    times, peak = [], 0
-    for _ in range(repeats):
-        with PeakMemory(device) as mem:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        peak = max(peak, mem.peak)
-    return statistics.median(times), peak
 
 
 def make_qkv(n, args, grad=False):
@@ -179,7 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "flash", "math"])
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--out", type=Path, default=RESULTS / "attention_scaling")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes = args.sizes or [8 * K, 16 * K, 32 * K]
@@ -226,8 +164,7 @@ def main(argv=None):
             f"  N={n}: " + ", ".join(f"{k}={fmt(v, '.4g')}" for k, v in row.items() if k != "n"),
             flush=True,
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "attention_scaling.csv")
+    write_results(args.out / "attention_scaling.csv", rows, COLUMNS)
     print(markdown_table(rows))
     print(summary(rows))
     plot(rows, args.out / "attention_scaling.png", args)
@@ -245,14 +182,6 @@ COLUMNS = [
     "fwd_mem",
     "fwdbwd_mem",
 ]
-
-
-def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c) for c in COLUMNS})
 
 
 def _ratio(a, b):
@@ -305,18 +234,6 @@ def plot(rows, path, args):
              f"{args.device.type} {str(args.dtype)[6:]}")  # fmt: skip
     report.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)", title,
                      logy=True, fontsize=9)  # fmt: skip
-
-
-def fixed_mmap_threshold() -> None:
-    """glibc keeps freed blocks below a moving threshold (up to 32 MiB) in its heap, so the
-    resident set would not show what a run allocates; a fixed threshold makes every tensor its
-    own mapping, returned on free. Re-runs this script with it set (command line only)."""
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        main = sys.modules["__main__"]
-        spec = getattr(main, "__spec__", None)
-        command = ["-m", spec.name] if spec else [sys.argv[0]]  # python -m experiments.X
-        os.execve(sys.executable, [sys.executable, *command, *sys.argv[1:]], env)
 
 
 if __name__ == "__main__":

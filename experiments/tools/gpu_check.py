@@ -1,6 +1,6 @@
 """One command for the first GPU that comes: `make gpu-check` (about 8 minutes on one GPU).
 
-    python -m experiments.gpu_check [--out runs/gpu-check] [--only tests bench train]
+    python -m experiments.tools.gpu_check [--out runs/gpu-check] [--only tests bench train]
 
 1. tests: the `gpu`-marked tests (every attention pattern, forward and gradients against the
    float64 references, fp32/bf16/fp16, torch's kernels and flash-attn when installed);
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from experiments import attention_scaling
+from experiments.bench import attention_scaling
 from models.attention.backends import flash_attn_version, resolve_backend
 from pipeline.report import markdown_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K = 1024
 STAGES = ("tests", "bench", "train")
 BUDGET_S = {"tests": 120, "bench": 170, "train": 170}
@@ -177,13 +177,13 @@ def train_metrics(run_dir: Path) -> dict:
 
 
 def mfu(tokens_per_s: float, device_name: str) -> str:
-    from experiments.model_cost import load
     from models.transformer import flops_per_token
+    from settings.loading import model_config_named
 
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
     if peak is None:
         return "n/a (unknown peak)"
-    flops = flops_per_token(load("longnet_base"), TRAIN_LEN) * tokens_per_s
+    flops = flops_per_token(model_config_named("longnet_base"), TRAIN_LEN) * tokens_per_s
     return f"{100 * flops / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s"
 
 

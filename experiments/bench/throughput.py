@@ -2,48 +2,52 @@
 context lengths 2K to 32K on this machine, and the length at which LongNet overtakes dense.
 On CUDA the same script reports model FLOPs utilisation.
 
-    python -m experiments.throughput                                  # the three tiny models
-    python -m experiments.throughput --lengths 2048 8192 --repeats 1  # a quicker look
-    python -m experiments.throughput --models longnet_tiny transformer_tiny --max-seconds 30
+    python -m experiments.bench.throughput                         # the three tiny models
+    python -m experiments.bench.throughput --lengths 2048 8192 --repeats 1   # a quicker look
+    python -m experiments.bench.throughput --models longnet_tiny transformer_tiny --max-seconds 30
 
-One training step is what train.py does on one batch: forward, cross-entropy loss, backward,
-an AdamW step (lr 1e-4) and zero_grad, on a batch of one sequence of N tokens, so a step
-trains N tokens. For each model and N: tokens/s = N / the median step time of --repeats steps
-after one warm-up step, and the step's peak memory: how far memory grows above the model, its
+One training step is what train.py does on one batch: the LightningModule's training_step
+(forward and the chunked cross-entropy loss, ``loss_chunk`` 8192), backward, an AdamW step
+(lr 1e-4) and zero_grad, on a batch of one sequence of N tokens, so a step trains N tokens.
+For each model and N: tokens/s = N / the median step time of --repeats steps after one
+warm-up step, and the step's peak memory: how far memory grows above the model, its
 optimizer state and what the process already holds (activations, gradients, workspace). On
 CPU that is the sampled growth of the resident set (with glibc's MALLOC_MMAP_THRESHOLD_ fixed
-by re-running the script, see attention_scaling.py), on CUDA torch's peak allocation. fp32 on
+by re-running the script, see measure.py), on CUDA torch's peak allocation. fp32 on
 CPU, bf16 autocast on CUDA, where model FLOPs utilisation is also reported:
 flops_per_token(config, N) * tokens/s / --peak-tflops (989: H100/H200 bf16 dense).
 
 A model whose step at some N takes longer than --max-seconds skips the longer lengths; a
 length that fails (out of memory) is reported as not reached. Prints the machine and a
-markdown table, and writes runs/throughput/throughput.{csv,json,png}. How long the default
-run takes: see experiments/README.md.
+markdown table, and writes experiments/results/throughput/throughput.{csv,json,png}. How long
+the default run takes: see experiments/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import gc
-import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from experiments.attention_scaling import fixed_mmap_threshold, timed
-from experiments.model_cost import load
-from models.transformer import ModelConfig, TransformerLM, flops_per_token
+from experiments.bench.measure import (
+    RESULTS,
+    fixed_mmap_threshold,
+    language_model,
+    machine,
+    timed,
+    train_step,
+    window,
+)
+from experiments.provenance import write_results
+from models.transformer import ModelConfig, flops_per_token
 from pipeline import report
 from pipeline.scoring import not_reached
 from settings.cli import run_cli
+from settings.loading import model_config_named
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["longnet_tiny", "transformer_tiny", "sparse_transformer_tiny"]
 LENGTHS = [2048, 4096, 8192, 16384, 32768]
 COLUMNS = [
@@ -66,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed steps (median) after a warm-up")
     p.add_argument("--max-seconds", type=float, default=120.0, help="per step, else skip longer")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="CUDA peak for the MFU")
-    p.add_argument("--out", type=Path, default=Path("runs/throughput"))
+    p.add_argument("--out", type=Path, default=RESULTS / "throughput")
     args = p.parse_args(argv)
     if any(n <= 0 for n in args.lengths):
         p.error(f"--lengths must be positive, got {args.lengths}")
@@ -78,40 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def machine(device: torch.device, dtype: torch.dtype) -> dict:
-    """What the numbers were measured on: they mean little without it."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-
-
-def train_step(model: TransformerLM, optimizer, tokens: torch.Tensor, dtype: torch.dtype) -> None:
-    """One step as in training: tokens (1, N + 1) give N inputs and N next-token targets."""
-    with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def measure(model, optimizer, n: int, args) -> dict:
+def measure(module, optimizer, cfg: ModelConfig, n: int, args) -> dict:
     """Median step seconds, tokens/s and peak MiB at length n; raises RuntimeError on OOM."""
-    cfg = model.config
-    tokens = torch.randint(0, cfg.vocab_size, (1, n + 1), device=args.device)
+    batch = window(torch.randint(0, cfg.vocab_size, (1, n + 1), device=args.device))
     step_s, peak = timed(
-        lambda: train_step(model, optimizer, tokens, args.dtype), args.device, args.repeats
+        lambda: train_step(module, optimizer, batch, args.dtype), args.device, args.repeats
     )
     tflops = flops_per_token(cfg, n) * n / step_s / 1e12
     mfu = tflops / args.peak_tflops if args.device.type == "cuda" else None
@@ -127,8 +102,8 @@ def measure(model, optimizer, n: int, args) -> dict:
 
 def run_model(name: str, cfg: ModelConfig, args) -> list[dict]:
     """Every length for one model, shortest first; a slow or failed length skips the rest."""
-    model = TransformerLM(cfg).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    module = language_model(cfg, device=args.device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     rows, skip = [], None
     for n in args.lengths:
         row = {"model": name, "attention": cfg.attention, "n": n}
@@ -136,7 +111,7 @@ def run_model(name: str, cfg: ModelConfig, args) -> list[dict]:
             rows.append({**row, "status": skip})
             continue
         try:
-            row.update(measure(model, optimizer, n, args))
+            row.update(measure(module, optimizer, cfg, n, args))
         except (RuntimeError, MemoryError) as e:  # out of memory, on either device
             if not isinstance(e, MemoryError) and not_reached(e) is None:
                 raise  # a bug, not a limit of this machine
@@ -217,11 +192,7 @@ def markdown_table(rows: list[dict], models: list[str], lengths: list[int], cuda
 
 
 def write_outputs(rows: list[dict], info: dict, verdict: str, args) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "throughput.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
+    write_results(args.out / "throughput.csv", rows, COLUMNS)
     settings = {k: getattr(args, k) for k in ("models", "lengths", "repeats", "max_seconds")}
     summary = {
         "machine": info,
@@ -229,7 +200,7 @@ def write_outputs(rows: list[dict], info: dict, verdict: str, args) -> None:
         "crossover": verdict,
         "rows": rows,
     }
-    (args.out / "throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(args.out / "throughput.json", summary)
     plot(rows, args.models, args.out / "throughput.png", info)
 
 
@@ -244,7 +215,9 @@ def plot(rows: list[dict], models: list[str], path: Path, info: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    configs = {name: load(name) for name in args.models}  # an unknown name fails before any run
+    configs = {
+        name: model_config_named(name) for name in args.models
+    }  # an unknown name fails before any run
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
     info = machine(args.device, args.dtype)

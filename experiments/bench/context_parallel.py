@@ -1,18 +1,20 @@
-"""Sequence-parallel dilated attention across processes (the paper's Figure 5, on this machine).
+"""Context-parallel dilated attention: one sequence split across processes (the paper's
+Figure 5, on this machine; the training setting is ``context_parallel``).
 
-    python -m experiments.sequence_parallel                 # P = 1, 2, 4 at 32K-256K (make seqpar)
-    python -m experiments.sequence_parallel --worlds 4 --sizes 1048576 --repeats 1
+    python -m experiments.bench.context_parallel          # P = 1, 2, 4 at 32K-256K
+    python -m experiments.bench.context_parallel --worlds 4 --sizes 1048576 --repeats 1
 
 For each P (processes on gloo, this machine's cores split evenly among them) and N: the
 paper's schedule (w = 2048..32768, r = 1, 2, 4, 6, 12), B = 1, H = 12, D = 64, fp32, causal;
 each rank holds N / P tokens. Measured: forward (no grad) and forward+backward time (median
 of --repeats, ranks synchronised), each rank's peak memory growth during the call (sampled
-resident set, as attention_scaling.py does), and the bytes each rank sent and received in the
+resident set, as measure.py does), and the bytes each rank sent and received in the
 call's exchanges (counted at the collectives), against the formula ``2 * B * H * D * (w' - l)
 / r`` elements received per pair by the last rank of a segment (forward; the backward sends as
 much back). Beside it: what dense ring attention would move for the same N and P (every rank
-receives the keys and values of every other rank). Writes runs/seqpar/seqpar.{csv,json,png}
-and prints a markdown table and the projection to the paper's setting.
+receives the keys and values of every other rank). Writes
+experiments/results/context_parallel/context_parallel.{csv,json,png} and prints a markdown
+table and the projection to the paper's setting.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -28,12 +29,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from experiments.attention_scaling import PAPER_R, PAPER_W, PeakMemory, fixed_mmap_threshold
+from experiments.bench.measure import (
+    PAPER_R,
+    PAPER_W,
+    RESULTS,
+    K,
+    PeakMemory,
+    fixed_mmap_threshold,
+    median,
+)
+from experiments.provenance import write_results
 from models.attention import distributed
 from models.attention.dilated import dilated_attention
 from pipeline import report
 
-K = 1024
+NAME = "context_parallel"  # the files it writes: NAME.{csv,json,png}
 HEADS, HEAD_DIM, BYTES = 12, 64, 4  # fp32
 
 
@@ -86,7 +96,7 @@ def _timed(fn, repeats: int, warm_up: bool = True) -> tuple[float, int, dict]:
     moved = {
         k: (distributed.EXCHANGE_BYTES[k] - before[k]) // repeats for k in ("sent", "received")
     }
-    return statistics.median(times), peak, moved
+    return median(times), peak, moved
 
 
 def measure(n: int, rank: int, world: int, repeats: int, max_backward: int, schedule="paper"):
@@ -188,7 +198,7 @@ def parse_args(argv=None):
     p.add_argument("--max-backward", type=int, default=256 * K, help="fwd only above this N")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="split among processes")
     p.add_argument("--schedule", choices=["paper", "extended"], default="paper")
-    p.add_argument("--out", type=Path, default=Path("runs/seqpar"))
+    p.add_argument("--out", type=Path, default=RESULTS / NAME)
     args = p.parse_args(argv)
     for world in args.worlds:
         bad = [n for n in args.sizes if n % world]
@@ -248,7 +258,7 @@ def plot(rows: list[dict], path: Path, schedule: str = "paper") -> None:
         for world in sorted({r["P"] for r in rows}):
             curves[f"P={world} {label}"] = {r["n"]: r.get(key) for r in rows if r["P"] == world}
     report.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)",
-                     f"Sequence-parallel dilated attention, {schedule} schedule, H=12 D=64, "
+                     f"Context-parallel dilated attention, {schedule} schedule, H=12 D=64, "
                      "CPU gloo",
                      logy=True)  # fmt: skip
 
@@ -261,16 +271,13 @@ def main(argv=None) -> None:
           f"{args.schedule} schedule (at the longest N: w={w} r={r}) causal fp32",
           flush=True)  # fmt: skip
     rows = [row for world in args.worlds for row in run_world(world, args)]
-    (args.out / "seqpar.json").write_text(json.dumps(rows, indent=1))
-    with open(args.out / "seqpar.csv", "w") as f:
-        keys = sorted({k for r in rows for k in r})
-        f.write(",".join(keys) + "\n")
-        f.writelines(",".join(str(r.get(k, "")) for k in keys) + "\n" for r in rows)
-    plot(rows, args.out / "seqpar.png", args.schedule)
+    write_results(args.out / f"{NAME}.json", rows)
+    write_results(args.out / f"{NAME}.csv", rows, sorted({k for r in rows for k in r}))
+    plot(rows, args.out / f"{NAME}.png", args.schedule)
     print(table(rows, args.schedule))
     print("\nprojection, 1B tokens (formula, bf16, per GPU and layer, forward):")
     print(projection())
-    print(f"wrote {args.out}/seqpar.{{csv,json,png}}")
+    print(f"wrote {args.out}/{NAME}.{{csv,json,png}}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""The paper's Table 2: perplexity of Transformer, Sparse Transformer and LongNet by length.
+
+    python -m experiments.studies.paper_table2 --scale tiny     # 2 CPU cores, the stdlib corpus
+    python -m experiments.studies.paper_table2 --scale paper    # the paper's settings, for GPUs
+    python -m experiments.studies.paper_table2 --config my_study.yaml --only longnet_8192 --dry-run
+
+The protocol (configs/study/paper_table2_<scale>.yaml, keys in
+experiments/studies/schema.py): each run trains one model at one length
+with the same tokens per batch (batch = tokens_per_batch / length) for the same number of
+steps; LongNet runs share one dilated schedule; each Sparse Transformer's (block, summary) is
+chosen at its training length so that its attention FLOPs match that schedule's
+(models.attention.sparse.match_dilated); every model is then scored by eval.py at the same
+lengths on the same documents. Runs live in runs/<name>/<model>_<length>/ and are skipped
+once finished (see experiments/studies/runner.py); an interrupted study resumes where it stopped.
+
+Writes runs/<name>/table.md (the table shaped like the paper's, with the paper's numbers
+below it), results.json and ppl_vs_context.png.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from experiments.studies import runner
+from experiments.studies.runner import Result, Run, Study, checked_run
+from experiments.studies.schema import TABLE2_MODELS as MODELS
+from experiments.studies.schema import Table2Study
+from models.attention.sparse import match_dilated
+from pipeline.report import line_plot, markdown_table
+from settings.cli import run_cli
+
+
+def plan(spec: Table2Study, extra: list[str] = (), out=None, args=None) -> list[Run]:
+    """Every run of a study: name, model, seq_len, batch and its train.py argv (checked)."""
+    w, r = list(spec.schedule.segment_lengths), list(spec.schedule.dilation_rates)
+    runs = []
+    for run in spec.runs:
+        batch = spec.tokens_per_batch // run.seq_len
+        argv = [str(runner.ROOT / run.config), *spec.train, f"data.seq_len={run.seq_len}",
+                f"data.batch_size={batch}", f"trainer.max_steps={spec.steps}"]  # fmt: skip
+        if run.model == "longnet":
+            argv += [f"model.segment_lengths={w}", f"model.dilation_rates={r}"]
+        if run.model == "sparse_transformer":  # matched with the run's own head count
+            n_head = runner.resolve([*argv, *extra]).model.n_head
+            block, summary = match_dilated(w, r, run.seq_len, n_head)
+            argv += [f"model.sparse_block={block}", f"model.sparse_summary={summary}"]
+        facts = {"model": run.model, "seq_len": run.seq_len, "batch": batch}
+        runs.append(checked_run(f"{run.model}_{run.seq_len}", [*argv, *extra], facts=facts))
+    for run in runs:
+        m = run.cfg.model
+        run.summary = f"batch {run.facts['batch']} x {run.facts['seq_len']}, " + {
+            "dilated": f"w={list(m.segment_lengths)} r={list(m.dilation_rates)}",
+            "sparse": f"block={m.sparse_block} summary={m.sparse_summary}",
+        }.get(m.attention, m.attention)
+    return runs
+
+
+def score(spec: Table2Study, run: Run, run_dir: Path) -> dict:
+    return {"eval": runner.ppl_by_length(run_dir, spec)}
+
+
+def report(spec: Table2Study, results: list[Result], out: Path, args=None) -> dict:
+    lengths = list(spec.eval.context_lengths)
+    header = ["model", "training length", "batch", *[f"ppl @{n}" for n in lengths]]
+    header += ["train s", "eval s"]
+    rows = [
+        [MODELS[r.run.facts["model"]], r.run.facts["seq_len"], r.run.facts["batch"],
+         *[r.scores["eval"].get(n) for n in lengths], r.train["train_seconds"],
+         runner.eval_seconds(out / r.name)]
+        for r in results
+    ]  # fmt: skip
+    w, r = list(spec.schedule.segment_lengths), list(spec.schedule.dilation_rates)
+    text = [
+        f"# {spec.name}: perplexity by evaluation length",
+        "",
+        f"{spec.tokens_per_batch} tokens per batch, {spec.steps} steps for every model; LongNet "
+        f"w={w} r={r}; eval.py {' '.join(spec.eval.args)}. Measured {time.strftime('%Y-%m-%d')}.",
+        "",
+        markdown_table(header, rows),
+    ]
+    if spec.paper is not None:
+        paper = ["model", "training length", "batch", *[f"ppl @{n}" for n in spec.paper.lengths]]
+        text += ["", "The paper's Table 2, for reference (its scale, not ours):", "",
+                 markdown_table(paper, spec.paper.rows)]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {f"{MODELS[r.run.facts['model']]} @{r.run.facts['seq_len']}": r.scores["eval"]
+              for r in results}  # fmt: skip
+    line_plot(out / "ppl_vs_context.png", curves, "evaluation length (tokens)", "perplexity",
+              f"{spec.name}: trained at the length after @, evaluated by eval.py")  # fmt: skip
+    results_json = {"runs": [r.row() for r in results], "lengths": lengths}
+    return runner.write_report(out, text, results_json, ["ppl_vs_context.png"])
+
+
+def options(p) -> None:
+    p.add_argument("--scale", choices=["tiny", "paper"], default="tiny",
+                   help="configs/study/paper_table2_<scale>.yaml, without --config")  # fmt: skip
+
+
+STUDY = Study(
+    doc=__doc__,
+    schema=Table2Study,
+    default_config=lambda a: runner.ROOT / "configs" / "study" / f"paper_table2_{a.scale}.yaml",
+    plan=plan,
+    score=score,
+    finish=report,
+    options=options,
+)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return runner.main(STUDY, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))
