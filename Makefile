@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick gpu-check seqpar longseq longrange table2 ablate throughput clean
+.PHONY: demo test test-slow lint format bench bench-quick gpu-check context-parallel longseq longrange table2 ablate throughput clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,42 +34,42 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
-	$(PY) -m experiments.attention_scaling
+	$(PY) -m experiments.bench.attention_scaling
 
 bench-quick: $(STAMP)
-	$(PY) -m experiments.attention_scaling --quick
+	$(PY) -m experiments.bench.attention_scaling --quick
 
 # On a CUDA machine (~8 min): GPU tests, attention benchmark 32K-1M, 200 steps of longnet_base
 # at 32K tokens; writes runs/gpu-check/report.md. Uses .venv when made, else the machine's
 # python3 as it is (no install: GPU machines often have their own torch). Refuses without CUDA.
 GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
-	$(GPU_PY) -m experiments.gpu_check
+	$(GPU_PY) -m experiments.tools.gpu_check
 
 # the studies of experiments/README.md (resumable: a second call skips finished runs)
 table2: $(STAMP)
-	$(PY) -m experiments.paper_table2 --scale tiny
+	$(PY) -m experiments.studies.paper_table2 --scale tiny
 
 ablate: $(STAMP)
-	$(PY) -m experiments.ablate_dilation --config configs/study/ablate_dilation_tiny.yaml
+	$(PY) -m experiments.studies.ablate_dilation --config configs/study/ablate_dilation_tiny.yaml
 
 throughput: $(STAMP)
-	$(PY) -m experiments.throughput
+	$(PY) -m experiments.bench.throughput
 
-# sequence-parallel dilated attention on 1, 2, 4 gloo processes (~25 min on 2 cores)
-seqpar: $(STAMP)
-	$(PY) -m experiments.sequence_parallel
+# context-parallel dilated attention on 1, 2, 4 gloo processes (~25 min on 2 cores)
+context-parallel: $(STAMP)
+	$(PY) -m experiments.bench.context_parallel
 
 # recall by distance per attention: two one-thread processes, then the table of all (#14;
 # 53 min measured with the runs split by hand)
 longrange: $(STAMP)
-	$(PY) -m experiments.long_range --threads 1 --shard 0/2 & a=$$!; \
-	$(PY) -m experiments.long_range --threads 1 --shard 1/2; b=$$?; \
-	wait $$a && test $$b = 0 && $(PY) -m experiments.long_range
+	$(PY) -m experiments.studies.long_range --threads 1 --shard 0/2 & a=$$!; \
+	$(PY) -m experiments.studies.long_range --threads 1 --shard 1/2; b=$$?; \
+	wait $$a && test $$b = 0 && $(PY) -m experiments.studies.long_range
 
 # one training step of the tiny LongNet at 32K-1M tokens, memory savers off and on (#13)
 longseq: $(STAMP)
-	$(PY) -m experiments.long_sequence
+	$(PY) -m experiments.bench.long_sequence
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
