@@ -71,9 +71,8 @@ class AtLength:
 
 @dataclass
 class Result:
-    """What eval.py measured of one checkpoint (evaluate returns one per checkpoint): a
-    language model's perplexity by length, prompting curve, position profile and span probe,
-    or a task's (``data.source=recall``) answer accuracy by length and distance."""
+    """What eval.py measured of one checkpoint: a language model's perplexity by length and
+    probes, or a task's (``data.source=recall``) answer accuracy by length and distance."""
 
     label: str
     documents: list[str] = field(default_factory=list)  # names of the scored documents
