@@ -1,6 +1,6 @@
 """CausalLM: any ModelConfig trained as a causal language model on the scored targets of a
 batch (data/batch.py), optionally with each window split across ``context_parallel`` ranks
-(sequence parallelism, dilated attention).
+(context parallelism, dilated attention).
 
 Loss is token-level cross-entropy in float32 over the scored targets (those whose label is not
 ``IGNORE_INDEX``: every target of a corpus window, the answers of a task). Validation
@@ -19,8 +19,12 @@ import torch
 import torch.distributed as dist
 
 from data.batch import scored
+from lightning_modules.context_parallel import (
+    check_context_parallel,
+    local_slice,
+    make_context_group,
+)
 from lightning_modules.optim import OptimConfig, adamw_with_schedule
-from lightning_modules.parallel import check_context_parallel, local_slice, own_group
 from models.loss import check_chunk, chunked_nll
 from models.transformer import ModelConfig, TransformerLM
 
@@ -54,13 +58,14 @@ class CausalLM(L.LightningModule):
         self.optim = OptimConfig.from_dict(optim)
         self.context_parallel = check_context_parallel(context_parallel)
         self.loss_chunk = check_chunk(loss_chunk)
-        self.cp_group = None  # this rank's context-parallel group, made in setup
+        self.context_group = None  # this rank's context-parallel group, made in setup
 
     def setup(self, stage: str) -> None:
-        if self.cp_group is None:
+        if self.context_group is None:
             trainer = self.trainer
-            self.cp_group = own_group(self.context_parallel, trainer.world_size,
-                                      trainer.global_rank)  # fmt: skip
+            self.context_group = make_context_group(
+                self.context_parallel, trainer.world_size, trainer.global_rank
+            )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -68,9 +73,9 @@ class CausalLM(L.LightningModule):
     def _scored(self, batch: dict):
         """``(nll (T,), keep (T,), hidden (T, C), labels (T,))`` over the T targets of this
         rank's slice of the window: NLL in float32, 0 where the target is not scored."""
-        inputs = local_slice(batch["input_ids"], self.cp_group)
-        labels = local_slice(batch["labels"], self.cp_group).flatten()
-        hidden = self.model.hidden(inputs, group=self.cp_group).flatten(0, 1)  # (T, C)
+        inputs = local_slice(batch["input_ids"], self.context_group)
+        labels = local_slice(batch["labels"], self.context_group).flatten()
+        hidden = self.model.hidden(inputs, group=self.context_group).flatten(0, 1)  # (T, C)
         keep = scored(labels)
         # no T x V logits: the loss runs in chunks; an unscored target is read as token 0 and
         # its NLL zeroed (a mask, not a gather: no host sync, and no copy of every row)
@@ -83,7 +88,7 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The mean NLL of the window's scored targets (the loss to backpropagate)."""
         nll, keep, _, _ = self._scored(batch)
-        if self.cp_group is None:
+        if self.context_group is None:
             loss = window_loss = nll.sum() / keep.sum()
         else:
             # the window's mean loss is the sum over its P slices; data parallelism averages
@@ -91,7 +96,7 @@ class CausalLM(L.LightningModule):
             tokens = scored(batch["labels"]).sum()
             loss = nll.sum() * (self.context_parallel / tokens)
             window_loss = nll.detach().sum()
-            dist.all_reduce(window_loss, group=self.cp_group)
+            dist.all_reduce(window_loss, group=self.context_group)
             window_loss = window_loss / tokens
         self.last_window_loss = window_loss.detach()  # written beside checkpoints (preemption.py)
         self.log("train/loss", window_loss, prog_bar=True)

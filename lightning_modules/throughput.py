@@ -11,7 +11,7 @@ import time
 import lightning as L
 import torch
 
-from lightning_modules.parallel import check_context_parallel
+from lightning_modules.context_parallel import check_context_parallel
 
 
 class Throughput(L.Callback):

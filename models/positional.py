@@ -93,7 +93,7 @@ def anchor_offsets(positions: torch.Tensor, anchor: int | None, total: int | Non
     positions, the last one cut at the end of the sequence), or of the whole sequence.
 
     ``total``: the whole sequence is ``0 .. total - 1`` and ``positions`` may be a slice of it
-    (sequence parallelism): every rank then finds the same centres. None: ``positions`` is the
+    (context parallelism): every rank then finds the same centres. None: ``positions`` is the
     whole sequence."""
     p = positions.to(torch.float64)
     lo, hi = (p.min(), p.max()) if total is None else (0.0, float(total - 1))

@@ -198,7 +198,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         if cfg.attention == "dilated":
             if cfg.stretch_last and group is not None:
-                raise ValueError("model.stretch_last is not supported with sequence parallelism")
+                raise ValueError("model.stretch_last is not supported with context parallelism")
             segments, rates = schedule_at(cfg, q.shape[1])
             return dilated_attention(q, k, v, segments, rates, group=group)
         if cfg.attention == "sparse":
@@ -333,7 +333,7 @@ class TransformerLM(nn.Module):
     def forward(self, tokens: torch.Tensor, group=None) -> torch.Tensor:
         """``tokens (B, N) -> logits (B, N, vocab)``. With ``group`` (a process group of P
         ranks), ``tokens`` is this rank's slice of a sequence of P * N tokens split in rank
-        order (sequence parallelism, dilated attention only): positions are global and the
+        order (context parallelism, dilated attention only): positions are global and the
         attention exchanges keys and values with the other ranks."""
         return self.lm_head(self.hidden(tokens, group))
 

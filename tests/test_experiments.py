@@ -55,13 +55,13 @@ def test_model_cost_micro(tmp_path, capsys):
 
 def test_context_parallel_micro(tmp_path, capsys):
     """Two worlds, one size: the bytes counted at the collectives are the formula's."""
-    from experiments.bench import context_parallel as sp
+    from experiments.bench import context_parallel as bench
 
-    sp.main(["--worlds", "1", "2", "--sizes", "4096", "--repeats", "1", "--out", str(tmp_path)])
+    bench.main(["--worlds", "1", "2", "--sizes", "4096", "--repeats", "1", "--out", str(tmp_path)])
     rows = rows_of(tmp_path / "context_parallel.json")
     assert [(r["P"], r["n"]) for r in rows] == [(1, 4096), (2, 4096)]
     assert rows[0]["fwd_received"] == 0
-    assert rows[1]["fwd_received"] == sp.formula_received(4096, 2) * 4  # fp32 bytes
+    assert rows[1]["fwd_received"] == bench.formula_received(4096, 2) * 4  # fp32 bytes
     assert rows[1]["fwdbwd_sent"] + rows[1]["fwdbwd_received"] > rows[1]["fwd_received"]
     out = capsys.readouterr().out
     assert "| 2 | 4K |" in out and "projection, 1B tokens" in out

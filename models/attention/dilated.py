@@ -259,21 +259,21 @@ def dilated_plan(
 def _distributed_plan(q, k, v, pairs, causal, scale, backend, group) -> Plan:
     B, length, H, D = q.shape
     distributed.check_agreement(q, pairs, causal, group)  # every rank raises alike, or none
-    at = distributed.layout_of(group, length)
+    at = distributed.rank_slice(group, length)
     distributed.check_split(pairs, at)
     check_coverage(pairs, H, at.total)
     scale = _check_scale(scale, D)
     backend = resolve_backend(backend, q)
     sources, calls = [(k, v)], []
     for i, (w, r) in enumerate(pairs):
-        sp = distributed.spanning(w, r, at, causal)
-        if sp is None:  # segments inside this rank's slice: as on one device
+        span = distributed.spanning(w, r, at, causal)
+        if span is None:  # segments inside this rank's slice: as on one device
             calls += pair_calls(w, r, B, length, H, causal, first=i == 0)
             continue
         # every rank exchanges for every spanning pair (even with nothing to send or receive),
         # so that the collectives, forward and backward, match across ranks
-        sources.append(distributed.exchange(k, v, sp, at, group))
-        calls += distributed.spanning_calls(sp, at, B, H, len(sources) - 1, first=i == 0)
+        sources.append(distributed.exchange(k, v, span, at, group))
+        calls += distributed.spanning_calls(span, at, B, H, len(sources) - 1, first=i == 0)
     covers_all = pairs[0][1] == 1
     return plan(q, sources, calls, covers_all=covers_all, scale=scale, backend=backend)
 

@@ -1,5 +1,5 @@
-"""Dilated attention over a sequence split across the ranks of a process group (LongNet,
-section 3.1), exact and causal.
+"""Dilated attention over a sequence split across the ranks of a process group: context
+parallelism (LongNet, section 3.1), exact and causal.
 
 P ranks hold one sequence of N = P * l tokens in P consecutive slices of l, in group-rank
 order. For pair (w, r) let w' = min(w, N):
@@ -39,7 +39,7 @@ EXCHANGE_BYTES = {"sent": 0, "received": 0}
 
 
 @dataclass(frozen=True)
-class Layout:
+class RankSlice:
     """Where this rank sits: group size, rank, slice length and the whole length."""
 
     world: int
@@ -51,15 +51,15 @@ class Layout:
         return self.world * self.length
 
 
-def layout_of(group, length: int) -> Layout:
-    return Layout(dist.get_world_size(group), dist.get_rank(group), length)
+def rank_slice(group, length: int) -> RankSlice:
+    return RankSlice(dist.get_world_size(group), dist.get_rank(group), length)
 
 
 # ----------------------------------------------------------------------------------------------
 # checks, before any collective of the attention
 
 
-def check_split(pairs, at: Layout) -> None:
+def check_split(pairs, at: RankSlice) -> None:
     """Each pair's segment ``w' = min(w, N)`` must divide the slice or be a multiple of it."""
     for w, _ in pairs:
         seg = min(w, at.total)
@@ -158,7 +158,7 @@ class Spanning:
         return [i for i in range(len(self.members)) if i != self.index]
 
 
-def spanning(w: int, r: int, at: Layout, causal: bool) -> Spanning | None:
+def spanning(w: int, r: int, at: RankSlice, causal: bool) -> Spanning | None:
     seg = min(w, at.total)
     if at.length % seg == 0:
         return None  # local
@@ -174,30 +174,32 @@ def _classes(r: int, n_head: int):
         yield c, len(range(c, n_head, r))
 
 
-def pack(x: torch.Tensor, sp: Spanning, length: int) -> torch.Tensor:
+def pack(x: torch.Tensor, span: Spanning, length: int) -> torch.Tensor:
     """(B, l, H, D) -> (B, ceil(l/r), H, D): for each head h, its kept rows first (zeros
     after): rows ``phase(h mod r) + j*r`` of the slice."""
     B, _, H, D = x.shape
-    R = -(-length // sp.r)
+    R = -(-length // span.r)
     out = x.new_zeros((B, R, H, D))
-    for c, heads in _classes(sp.r, H):
-        phase = sp.phase(c, sp.index, length)
-        rows = _kept(phase, sp.r, length)
+    for c, heads in _classes(span.r, H):
+        phase = span.phase(c, span.index, length)
+        rows = _kept(phase, span.r, length)
         if rows:
-            src = Block(groups=B, group_stride=0, pos=phase, head=c, heads=heads, head_stride=sp.r,
-                        rows=rows, row_stride=sp.r)  # fmt: skip
-            dst = Block(groups=B, group_stride=0, head=c, heads=heads, head_stride=sp.r, rows=rows)
+            src = Block(groups=B, group_stride=0, pos=phase, head=c, heads=heads,
+                        head_stride=span.r, rows=rows, row_stride=span.r)  # fmt: skip
+            dst = Block(
+                groups=B, group_stride=0, head=c, heads=heads, head_stride=span.r, rows=rows
+            )
             dst.view(out).copy_(src.view(x))
     return out
 
 
-def exchange(k: torch.Tensor, v: torch.Tensor, sp: Spanning, at: Layout, group):
+def exchange(k: torch.Tensor, v: torch.Tensor, span: Spanning, at: RankSlice, group):
     """The received kept keys and values, each ``(n_src * B, ceil(l/r), H, D)``: source i's
     rows for batch row b are batch row ``i * B + b``."""
     B, _, H, D = k.shape
-    buffer = torch.stack([pack(k, sp, at.length), pack(v, sp, at.length)])  # (2, B, R, H, D)
-    dst = {sp.members[i] for i in sp.destinations}
-    src = {sp.members[i] for i in sp.sources}
+    buffer = torch.stack([pack(k, span, at.length), pack(v, span, at.length)])  # (2, B, R, H, D)
+    dst = {span.members[i] for i in span.destinations}
+    src = {span.members[i] for i in span.sources}
     send_counts = [1 if p in dst else 0 for p in range(at.world)]
     recv_counts = [1 if p in src else 0 for p in range(at.world)]
     send = buffer.unsqueeze(0).expand(len(dst), *buffer.shape)  # (n_dst, 2, B, R, H, D)
@@ -207,23 +209,25 @@ def exchange(k: torch.Tensor, v: torch.Tensor, sp: Spanning, at: Layout, group):
     return got[:, 0].reshape(n_src * B, R, H, D), got[:, 1].reshape(n_src * B, R, H, D)
 
 
-def spanning_calls(sp: Spanning, at: Layout, batch: int, n_head: int, source: int, first: bool):
+def spanning_calls(
+    span: Spanning, at: RankSlice, batch: int, n_head: int, source: int, first: bool
+):
     """The pair's calls on this rank: its own kept rows (causally, on source 0) and the
     received rows of each source rank (on ``source``)."""
     calls = []
-    for c, heads in _classes(sp.r, n_head):
-        phase = sp.phase(c, sp.index, at.length)
-        rows = _kept(phase, sp.r, at.length)
+    for c, heads in _classes(span.r, n_head):
+        phase = span.phase(c, span.index, at.length)
+        rows = _kept(phase, span.r, at.length)
         if rows == 0:
             continue
-        q = Block(groups=batch, group_stride=0, pos=phase, head=c, heads=heads, head_stride=sp.r,
-                  rows=rows, row_stride=sp.r)  # fmt: skip
-        calls += chunked(Call(q=q, kv=q, causal=sp.causal, first=first))
-        for n, i in enumerate(sp.sources):
-            kv_rows = _kept(sp.phase(c, i, at.length), sp.r, at.length)
+        q = Block(groups=batch, group_stride=0, pos=phase, head=c, heads=heads,
+                  head_stride=span.r, rows=rows, row_stride=span.r)  # fmt: skip
+        calls += chunked(Call(q=q, kv=q, causal=span.causal, first=first))
+        for n, i in enumerate(span.sources):
+            kv_rows = _kept(span.phase(c, i, at.length), span.r, at.length)
             if kv_rows == 0:
                 continue
             kv = Block(batch=n * batch, groups=batch, group_stride=0, head=c, heads=heads,
-                       head_stride=sp.r, rows=kv_rows)  # fmt: skip
+                       head_stride=span.r, rows=kv_rows)  # fmt: skip
             calls += chunked(Call(q=q, kv=kv, causal=False, source=source))
     return calls

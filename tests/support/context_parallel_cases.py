@@ -1,5 +1,5 @@
-"""What each rank runs in the sequence-parallel tests: the distributed result on its slice
-against the single-process result on the whole sequence (forward 1e-5, gradients 1e-4)."""
+"""What each rank runs in the context-parallel attention tests: the distributed result on its
+slice against the single-process result on the whole sequence (forward 1e-5, gradients 1e-4)."""
 
 from __future__ import annotations
 

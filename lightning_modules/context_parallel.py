@@ -14,7 +14,7 @@ def check_context_parallel(P) -> int:
     return P
 
 
-def own_group(P: int, world: int, rank: int):
+def make_context_group(P: int, world: int, rank: int):
     """The process group of ``rank``'s P consecutive ranks (None for P = 1). Every rank makes
     all the groups, in the same order: ``new_group`` is a collective over the whole world."""
     if P == 1:

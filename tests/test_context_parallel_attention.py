@@ -3,8 +3,8 @@ single-process result on the whole sequence: outputs 1e-5, gradients of q, k, v 
 
 import pytest
 
+from tests.support.context_parallel_cases import compare_cases, compare_model, expect_errors
 from tests.support.distributed import spawn
-from tests.support.seqpar_cases import compare_cases, compare_model, expect_errors
 
 # name: (B, N, H, D, segment_lengths, dilation_rates, causal)
 CASES_2 = {
