@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick gpu-check context-parallel longseq longrange table2 ablate throughput clean
+.PHONY: demo test test-slow lint format bench bench-quick gpu-check context-parallel longseq longrange table2 ablate throughput report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ longrange: $(STAMP)
 # one training step of the tiny LongNet at 32K-1M tokens, memory savers off and on (#13)
 longseq: $(STAMP)
 	$(PY) -m experiments.bench.long_sequence
+
+# every results table of README.md and experiments/README.md, from experiments/results/
+# (`python -m experiments.report --check` says what differs; tests/test_report.py runs it)
+report: $(STAMP)
+	$(PY) -m experiments.report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -236,14 +236,13 @@ def projection() -> str:
     """Per-GPU bytes per layer (bf16, forward) for 1B tokens, B = 1, 12 heads, D = 64."""
     n = 2**30
     lines = [
-        "| GPUs | tokens per GPU | paper schedule (w <= 32K) | w up to N (w = 2048 * 4^i, "
-        "r = 4^i) | dense ring attention |",
+        "| GPUs | tokens per GPU | paper schedule (w <= 32K) | w up to N (w = 2048 * 4^i < N, "
+        "r = 4^i, last pair w = N) | dense ring attention |",
         "|---|---|---|---|---|",
     ]
     for world in (128, 256, 512, 1024):
         length = n // world
-        extended = [(2048 * 4**i, 4**i) for i in range(12) if 2048 * 4**i <= n]
-        grown = sum(2 * 12 * 64 * (min(w, n) - length) // r for w, r in extended if w > length)
+        grown = formula_received(n, world, schedule="extended")  # schedule_of's, up to w = N
         paper = formula_received(n, world)
         lines.append(f"| {world} | {length // K}K | {paper * 2 / 2**20:.0f} MiB | "
                      f"{grown * 2 / 2**20:.1f} MiB | "

@@ -1,0 +1,469 @@
+"""Writes every results table of README.md and experiments/README.md from the committed files.
+
+    python -m experiments.report          # rewrite the tables between their markers (make report)
+    python -m experiments.report --check  # exit 1 and a diff where a document differs (tests do)
+
+A table lives between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in its document;
+the text between the markers is what ``TABLES[NAME]`` gives from the files under
+experiments/results/ (each written with its provenance by experiments/provenance.py), followed
+by a line naming the file and the command that writes it. The prose around the markers is
+written by hand; the numbers inside them only come from files, as configs/default.yaml only
+comes from the schema (settings/generate.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+K = 1024
+EARLIER = "file from an earlier version of the script; to be re-measured"
+
+
+class ReportError(ValueError):
+    """A document's markers are missing, unbalanced or unknown (the message names the marker)."""
+
+
+@dataclass(frozen=True)
+class Table:
+    document: str  # relative to the repository root
+    make: Callable[[Path], str]  # results_dir -> markdown
+
+
+TABLES: dict[str, Table] = {}
+
+
+def table(name: str, document: str = "experiments/README.md"):
+    """Registers ``fn(results_dir) -> markdown`` as the table between ``name``'s markers."""
+
+    def register(fn):
+        TABLES[name] = Table(document, fn)
+        return fn
+
+    return register
+
+
+# -- reading results files ------------------------------------------------------------------------
+
+
+def _number(text: str):
+    if text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV, numbers parsed, empty cells None."""
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_json_rows(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def md_tables(path: Path) -> list[str]:
+    """The markdown tables of a file (a study's table.md), in order."""
+    tables, current = [], []
+    for line in path.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    return tables
+
+
+def study_table(results_dir: Path, file: str, command: str, index: int = 0, note=None) -> str:
+    """A study's table.md: its caption (what was trained and measured, and when), its
+    ``index``-th table, and the source line."""
+    paragraphs = [p.strip() for p in (results_dir / file).read_text().split("\n\n")]
+    caption = next(p for p in paragraphs if p and not p.startswith(("#", "|")))
+    table_text = md_tables(results_dir / file)[index]
+    return f"{caption}\n\n{table_text}\n\n{source(results_dir, [file], command, note)}"
+
+
+def provenance(path: Path) -> dict | None:
+    """The record experiments/provenance.py wrote with a file (CSV: ``<stem>.meta.json``
+    beside it; JSON: its ``"meta"`` key), or None for a file written before it existed."""
+    if path.suffix == ".csv":
+        meta_path = path.with_suffix(".meta.json")
+        return json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return data.get("meta") if isinstance(data, dict) else None
+    return None
+
+
+def source(results_dir: Path, files: list[str], command: str, note: str | None = None) -> str:
+    """The line under a table: its files, the command that writes them, and their record."""
+    names = ", ".join(f"`experiments/results/{f}`" for f in files)
+    line = f"From {names}; written by `{command}`."
+    metas = [provenance(results_dir / f) for f in files]
+    if all(m is not None for m in metas):
+        m = metas[0]
+        line += (
+            f" Recorded in the file: `{m['command']}` at commit {m['commit'][:10]}"
+            f"{' (uncommitted changes)' if m.get('dirty') else ''}, {m['machine']['cpu']}, "
+            f"{m['date'][:10]}."
+        )
+    else:
+        line += " The file predates the provenance record (no commit or machine inside)."
+    if note:
+        line += f" *{note[0].upper()}{note[1:]}.*"
+    return line
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def short(n: int) -> str:
+    return f"{n // (K * K)}M" if n >= K * K and n % (K * K) == 0 else f"{n // K}K"
+
+
+# -- the tables ---------------------------------------------------------------------------------
+
+
+@table("table2_tiny")
+def table2_tiny(results_dir: Path) -> str:
+    return study_table(
+        results_dir,
+        "paper_table2_tiny/table.md",
+        "python -m experiments.studies.paper_table2 --scale tiny",
+    )
+
+
+@table("table2_tiny_seed2")
+def table2_tiny_seed2(results_dir: Path) -> str:
+    command = ("python -m experiments.studies.paper_table2 --scale tiny --only "
+               "sparse_transformer_2048 longnet_2048 --set seed=2 data.seed=2 "
+               "--out runs/paper_table2_tiny_seed2")  # fmt: skip
+    return study_table(results_dir, "paper_table2_tiny/table_seed2.md", command)
+
+
+@table("table2_paper")
+def table2_paper(results_dir: Path) -> str:
+    """The paper's numbers: a fact from elsewhere, transcribed in the study YAML."""
+    path = "configs/study/paper_table2_tiny.yaml"
+    paper = yaml.safe_load((ROOT / path).read_text())["paper"]
+    header = ["model", "training length", "batch", *[f"ppl @{short(n)}" for n in paper["lengths"]]]
+    rows = [[name, short(n), batch, *[f"{p:.2f}" for p in ppl]]
+            for name, n, batch, *ppl in paper["rows"]]  # fmt: skip
+    return markdown(header, rows) + (
+        f"\n\nNot measured here: the paper's Table 2 (arXiv 2307.02486), as transcribed under "
+        f"`paper:` in `{path}`; check it against the paper before quoting it."
+    )
+
+
+@table("ablate_tiny")
+def ablate_tiny(results_dir: Path) -> str:
+    return study_table(results_dir, "ablate_dilation_tiny/table.md",
+                       "python -m experiments.studies.ablate_dilation "
+                       "--config configs/study/ablate_dilation_tiny.yaml")  # fmt: skip
+
+
+@table("throughput")
+def throughput(results_dir: Path) -> str:
+    f = "throughput/throughput.csv"
+    rows = [r for r in read_csv(results_dir / f) if r["status"] == "ok"]
+    by = {(r["attention"], r["n"]): r for r in rows}
+    out = []
+    for n in sorted({r["n"] for r in rows}):
+        tok = {a: by[(a, n)]["tokens_per_s"] if (a, n) in by else None
+               for a in ("dilated", "dense", "sparse")}  # fmt: skip
+        peaks = [by[(a, n)]["peak_mib"] for a in ("dilated", "dense", "sparse") if (a, n) in by]
+        ratio = tok["dilated"] / tok["dense"] if tok["dilated"] and tok["dense"] else None
+        out.append([short(n), *["-" if t is None else f"{t:.0f}" for t in tok.values()],
+                    "-" if ratio is None else f"{ratio:.2f}",
+                    f"{min(peaks):.0f}-{max(peaks):.0f}"])  # fmt: skip
+    header = ["N", "LongNet tok/s", "dense tok/s", "Sparse Tr. tok/s", "LongNet / dense",
+              "peak MiB (all three)"]  # fmt: skip
+    return (
+        markdown(header, out)
+        + "\n\n"
+        + source(results_dir, [f], "python -m experiments.bench.throughput")
+    )
+
+
+def _context_parallel_rows(results_dir: Path, files: list[str]) -> list[dict]:
+    rows = []
+    for f in files:
+        for r in read_csv(results_dir / f):
+            r.setdefault("status", "ok")  # the earliest files have no status column
+            r["status"] = r["status"] or "ok"
+            rows.append(r)
+    return rows
+
+
+def _context_parallel(results_dir, files, schedule, command, note=None) -> str:
+    from experiments.bench.context_parallel import table as cp_table
+
+    rows = _context_parallel_rows(results_dir, files)
+    return cp_table(rows, schedule) + "\n\n" + source(results_dir, files, command, note)
+
+
+@table("context_parallel")
+def context_parallel(results_dir: Path) -> str:
+    return _context_parallel(results_dir, ["seqpar/seqpar.csv"], "paper",
+                             "python -m experiments.bench.context_parallel", EARLIER)  # fmt: skip
+
+
+@table("context_parallel_extended")
+def context_parallel_extended(results_dir: Path) -> str:
+    return _context_parallel(
+        results_dir, ["seqpar/seqpar_extended.csv"], "extended",
+        "python -m experiments.bench.context_parallel --schedule extended", EARLIER)  # fmt: skip
+
+
+@table("context_parallel_longest")
+def context_parallel_longest(results_dir: Path) -> str:
+    command = ("python -m experiments.bench.context_parallel --worlds 1 --sizes 524288 786432 "
+               "--repeats 1 --max-backward 786432` and the same with `--worlds 4")  # fmt: skip
+    return _context_parallel(results_dir, ["seqpar/seqpar_long_p1.csv",
+                                           "seqpar/seqpar_long_p4.csv"], "paper", command,
+                             EARLIER)  # fmt: skip
+
+
+@table("context_parallel_projection")
+def context_parallel_projection(results_dir: Path) -> str:
+    from experiments.bench.context_parallel import projection
+
+    return projection() + (
+        "\n\nA formula, not a measurement: `projection()` in "
+        "`experiments/bench/context_parallel.py` (printed by `make context-parallel`)."
+    )
+
+
+LONGSEQ = "python -m experiments.bench.long_sequence"
+
+
+@table("longseq")
+def longseq(results_dir: Path) -> str:
+    f = "longseq/longseq.json"
+    out = []
+    for r in read_json_rows(results_dir / f):
+        if r["status"] == "skipped":  # a shorter N was not reached in this mode
+            continue
+        if r["status"] != "ok":
+            out.append([short(r["n"]), r["mode"], r["status"], "", "", ""])
+            continue
+        out.append([short(r["n"]), r["mode"], f"{r['step_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+                    f"{r['peak_mib']:.0f}", f"{r['mib_per_token']:.3f}"])  # fmt: skip
+    header = ["N", "mode", "step s", "tokens/s", "peak MiB", "MiB/token"]
+    return markdown(header, out) + "\n\n" + source(results_dir, [f], LONGSEQ)
+
+
+@table("longseq_timing")
+def longseq_timing(results_dir: Path) -> str:
+    f = "longseq/longseq_timing.json"
+    rows = read_json_rows(results_dir / f)
+    step = {(r["n"], r["mode"]): r["step_s"] for r in rows if r["status"] == "ok"}
+    out = []
+    for n in sorted({n for n, _ in step}):
+        base = step.get((n, "chunked"))
+        cells = [short(n), "-" if base is None else f"{base:.1f}"]
+        for mode in ("saving", "sublayer"):
+            s = step.get((n, mode))
+            cells.append("-" if s is None else
+                         f"{s:.1f}" + ("" if base is None else f" ({s / base:.2f}x)"))  # fmt: skip
+        out.append(cells)
+    header = ["N", "chunked s", "saving s (ratio)", "sublayer s (ratio)"]
+    return (
+        markdown(header, out)
+        + "\n\n"
+        + source(
+            results_dir, [f], f"{LONGSEQ} --lengths 32768 131072 --modes chunked saving sublayer"
+        )
+    )
+
+
+@table("longseq_estimate")
+def longseq_estimate(results_dir: Path) -> str:
+    from experiments.bench.long_sequence import estimate
+
+    f = "longseq/longseq.json"
+    text = estimate(read_json_rows(results_dir / f), "longnet_tiny",
+                    ["longnet_base", "longnet_2_7b"], 141e9, 8192)  # fmt: skip
+    return text + (
+        f"\n\nAn estimate, not a measurement: `estimate()` in "
+        f"`experiments/bench/long_sequence.py` from `experiments/results/{f}` "
+        f"(`{LONGSEQ} --estimate-only --out experiments/results/longseq`)."
+    )
+
+
+LONG_RANGE = "python -m experiments.studies.long_range"
+
+
+@table("long_range")
+def long_range(results_dir: Path) -> str:
+    return study_table(results_dir, "long_range_tiny/table.md", LONG_RANGE)
+
+
+@table("long_range_by_length")
+def long_range_by_length(results_dir: Path) -> str:
+    """Accuracy per run, evaluation length and distance, from recall.csv."""
+    f = "long_range_tiny/recall.csv"
+    rows = read_csv(results_dir / f)
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    cells = {(r["run"], r["length"], r["distance"]): r["accuracy"] for r in rows}
+    columns = [(L, d) for L in lengths for d in sorted({r["distance"] for r in rows
+                                                         if r["length"] == L})]  # fmt: skip
+    header = ["run"] + [f"L={L}: d={d}" if i == 0 or columns[i - 1][0] != L else str(d)
+                        for i, (L, d) in enumerate(columns)]  # fmt: skip
+    out = [[run] + [f"{cells[(run, L, d)]:.2f}" if (run, L, d) in cells else ""
+                    for L, d in columns] for run in runs]  # fmt: skip
+    note = (
+        "assembled from the runs' eval/recall.csv by a step that is not in the repository "
+        "(its columns are not what pipeline/recall_probe.py writes); to be re-measured"
+    )
+    return markdown(header, out) + "\n\n" + source(results_dir, [f], LONG_RANGE, note)
+
+
+@table("headline", document="README.md")
+def headline(results_dir: Path) -> str:
+    """A few numbers from the tables of experiments/README.md, each with its file."""
+    thr = {(r["attention"], r["n"]): r for r in read_csv(results_dir / "throughput/throughput.csv")}
+    n_max = max(n for _, n in thr)
+    speedup = thr[("dilated", n_max)]["tokens_per_s"] / thr[("dense", n_max)]["tokens_per_s"]
+    steps = [r for r in read_json_rows(results_dir / "longseq/longseq.json") if r["status"] == "ok"]
+    longest = max(steps, key=lambda r: (r["n"], -r["peak_mib"]))
+    ext = _context_parallel_rows(results_dir, ["seqpar/seqpar_extended.csv"])
+    p4 = [r for r in ext if r["P"] == 4 and r["status"] == "ok"]
+    recv = [r["fwd_received"] / 2**20 for r in p4]
+    recall = read_csv(results_dir / "long_range_tiny/recall.csv")
+    dense_256 = [r["accuracy"] for r in recall if r["run"] == "dense" and r["length"] == 256]
+    t2 = md_tables(results_dir / "paper_table2_tiny/table.md")[0].splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in t2]
+    flat = [float(c[5]) / float(c[3]) - 1 for c in cells]  # ppl @8192 against @512
+    rows = [
+        [f"training throughput at {short(n_max)} tokens, tiny LongNet / dense", f"{speedup:.1f}x",
+         "`experiments/results/throughput/throughput.csv`"],
+        ["longest sequence trained in one step (2-core CPU, 24 GiB)",
+         f"{short(longest['n'])} tokens, `{longest['mode']}`, {longest['step_s']:.0f} s, "
+         f"{longest['peak_mib'] / 1024:.1f} GiB", "`experiments/results/longseq/longseq.json`"],
+        ["received per rank per forward, 4 processes, segments up to N, "
+         f"{short(min(r['n'] for r in p4))}-{short(max(r['n'] for r in p4))}",
+         f"{min(recv):.0f}-{max(recv):.0f} MiB",
+         "`experiments/results/seqpar/seqpar_extended.csv`"],
+        ["tiny Table 2: perplexity change from 512 to 8192 tokens of context",
+         f"{min(flat) * 100:+.1f}% to {max(flat) * 100:+.1f}%",
+         "`experiments/results/paper_table2_tiny/table.md`"],
+        ["recall probe, dense attention at its training length (L = 256)",
+         _percent_range(dense_256) + " at every distance",
+         "`experiments/results/long_range_tiny/recall.csv`"],
+    ]  # fmt: skip
+    return markdown(["measurement", "value", "file"], rows) + (
+        "\n\nGenerated by `make report` from the files named; the commands that wrote them are "
+        "beside the full tables in experiments/README.md."
+    )
+
+
+def _percent_range(values: list[float]) -> str:
+    lo, hi = f"{min(values) * 100:.0f}", f"{max(values) * 100:.0f}"
+    return f"{lo}%" if lo == hi else f"{lo}-{hi}%"
+
+
+# -- markers ----------------------------------------------------------------------------------
+
+MARKER = re.compile(r"<!-- (/?)report:([\w-]+) -->")
+
+
+def markers(text: str) -> list[str]:
+    """The names of the marked blocks in ``text``, in order; ReportError naming the marker
+    when one opens without closing, closes without opening, nests or repeats."""
+    names, open_name, seen = [], None, set()
+    for m in MARKER.finditer(text):
+        closing, name = m.group(1) == "/", m.group(2)
+        if not closing:
+            if open_name is not None:
+                raise ReportError(f"marker report:{name} opens inside report:{open_name}")
+            if name in seen:
+                raise ReportError(f"marker report:{name} appears twice")
+            open_name = name
+        else:
+            if open_name != name:
+                raise ReportError(f"marker /report:{name} closes a block that is not open")
+            names.append(name)
+            seen.add(name)
+            open_name = None
+    if open_name is not None:
+        raise ReportError(f"marker report:{open_name} is never closed (/report:{open_name})")
+    return names
+
+
+def replace(text: str, name: str, body: str) -> str:
+    """``text`` with the block between ``name``'s markers set to ``body``."""
+    markers(text)  # balanced
+    start, end = f"<!-- report:{name} -->", f"<!-- /report:{name} -->"
+    if start not in text:
+        raise ReportError(f"marker report:{name} is missing")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body.strip()}\n{end}{tail}"
+
+
+def render(text: str, document: str, results_dir: Path = RESULTS, tables=None) -> str:
+    """``text`` (the document) with every table registered for ``document`` regenerated;
+    a marker in it that no table makes is an error, and so is a table whose marker is missing."""
+    tables = TABLES if tables is None else tables
+    wanted = [name for name, t in tables.items() if t.document == document]
+    for name in markers(text):
+        if name not in wanted:
+            raise ReportError(f"{document}: marker report:{name} names no table")
+    for name in wanted:
+        try:
+            text = replace(text, name, tables[name].make(results_dir))
+        except ReportError as err:
+            raise ReportError(f"{document}: {err}") from None
+    return text
+
+
+def main(argv: list[str], root: Path = ROOT, results_dir: Path = RESULTS) -> int:
+    check = "--check" in argv
+    stale = 0
+    for document in dict.fromkeys(t.document for t in TABLES.values()):
+        path = root / document
+        old = path.read_text()
+        try:
+            new = render(old, document, results_dir)
+        except ReportError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if new == old:
+            continue
+        stale += 1
+        if check:
+            sys.stdout.writelines(difflib.unified_diff(
+                old.splitlines(keepends=True), new.splitlines(keepends=True),
+                f"{document} (committed)", f"{document} (from the results files)"))  # fmt: skip
+        else:
+            path.write_text(new)
+            print(f"wrote {document}")
+    if check and stale:
+        print("the tables differ from their files: run `make report`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
