@@ -33,19 +33,21 @@ from torch import nn
 
 from models.attention import distributed
 from models.attention.backends import BACKENDS, resolve_backend
-from models.attention.mixing import Block, Call, Plan, chunked, mixed_attention, plan
+from models.attention.mixing import Call, Plan, StridedBlock, chunked, mixed_attention, plan
 
 # Construction-time coverage check looks at one full period of the pattern, if it is this short.
 _MAX_PERIOD_CHECKED = 2**22
 
-Schedule = tuple[tuple[int, int], ...]
+DilationSchedule = tuple[tuple[int, int], ...]
 
 
 # ----------------------------------------------------------------------------------------------
 # input checks
 
 
-def validate_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> Schedule:
+def validate_schedule(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+) -> DilationSchedule:
     """Returns the schedule as ``((w, r), ...)`` or raises ``ValueError`` naming the bad value."""
     for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
@@ -64,7 +66,7 @@ def validate_schedule(segment_lengths: Sequence[int], dilation_rates: Sequence[i
     return tuple(zip(segment_lengths, dilation_rates, strict=True))
 
 
-def unattended_offsets(pairs: Schedule, n_head: int) -> list[str]:
+def unattended_offsets(pairs: DilationSchedule, n_head: int) -> list[str]:
     """What the heads leave out: pair ``(w, r)`` keeps, in each segment, the offsets ``h mod r``
     of heads ``h < n_head``; with ``r > n_head``, ``r - n_head`` of its ``r`` offsets (that
     fraction of every segment's positions) are never attended by that pair, for any head. One
@@ -78,7 +80,7 @@ def unattended_offsets(pairs: Schedule, n_head: int) -> list[str]:
 
 
 @lru_cache(maxsize=256)
-def check_coverage(pairs: Schedule, n_head: int, seq_len: int | None = None) -> None:
+def check_coverage(pairs: DilationSchedule, n_head: int, seq_len: int | None = None) -> None:
     """Rejects a schedule under which some (head, position) would attend nothing.
 
     Whether pair ``(w, r)`` keeps position p for head h depends only on ``p mod w``, so the
@@ -142,7 +144,7 @@ def _check_scale(scale, head_dim: int) -> float:
 
 
 def _head_groups(r: int, n_head: int, length: int):
-    """Keyword arguments of the :class:`Block` s (first offset ``pos``, heads and their
+    """Keyword arguments of the :class:`StridedBlock` s (first offset ``pos``, heads and their
     strides, rows) that cover a segment of ``length`` positions for dilation ``r``.
 
     Head h keeps the positions ``c + j*r`` (c = h mod r) of each segment, so the heads of one
@@ -167,7 +169,7 @@ def _head_groups(r: int, n_head: int, length: int):
                            rows=rows)  # fmt: skip
 
 
-def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[Block]:
+def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[StridedBlock]:
     """The blocks of pair (w, r): strided views, nothing gathered, padded or masked."""
     w = min(w, n)  # w >= N: one segment holding the whole sequence
     n_full, tail = divmod(n, w)
@@ -175,7 +177,7 @@ def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[Block]:
     for geometry in _head_groups(r, n_head, w):
         if geometry["rows"] <= 0:
             continue
-        block = Block(**geometry, groups=n_full, group_stride=w, row_stride=r)
+        block = StridedBlock(**geometry, groups=n_full, group_stride=w, row_stride=r)
         if tail == 0:  # batch rows line up with segments: fold them together
             out.append(replace(block, groups=batch * n_full))
         else:
@@ -183,7 +185,7 @@ def _blocks(w: int, r: int, batch: int, n: int, n_head: int) -> list[Block]:
     for geometry in _head_groups(r, n_head, tail):
         if geometry["rows"] > 0:  # the last, shorter segment of every batch row
             geometry["pos"] += n_full * w
-            out.append(Block(**geometry, groups=batch, group_stride=0, row_stride=r))
+            out.append(StridedBlock(**geometry, groups=batch, group_stride=0, row_stride=r))
     return out
 
 
@@ -197,7 +199,9 @@ def pair_calls(w, r, batch, n, n_head, causal: bool, first: bool) -> list[Call]:
     ]
 
 
-def dilated_calls(pairs: Schedule, batch: int, n: int, n_head: int, causal: bool) -> list[Call]:
+def dilated_calls(
+    pairs: DilationSchedule, batch: int, n: int, n_head: int, causal: bool
+) -> list[Call]:
     """The kernel calls of a schedule."""
     return [
         call

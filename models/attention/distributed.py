@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from models.attention.mixing import Block, Call, chunked
+from models.attention.mixing import Call, StridedBlock, chunked
 
 # bytes this process sent and received through exchanges, forward and backward together
 EXCHANGE_BYTES = {"sent": 0, "received": 0}
@@ -184,9 +184,9 @@ def pack(x: torch.Tensor, span: Spanning, length: int) -> torch.Tensor:
         phase = span.phase(c, span.index, length)
         rows = _kept(phase, span.r, length)
         if rows:
-            src = Block(groups=B, group_stride=0, pos=phase, head=c, heads=heads,
-                        head_stride=span.r, rows=rows, row_stride=span.r)  # fmt: skip
-            dst = Block(
+            src = StridedBlock(groups=B, group_stride=0, pos=phase, head=c, heads=heads,
+                               head_stride=span.r, rows=rows, row_stride=span.r)  # fmt: skip
+            dst = StridedBlock(
                 groups=B, group_stride=0, head=c, heads=heads, head_stride=span.r, rows=rows
             )
             dst.view(out).copy_(src.view(x))
@@ -220,14 +220,14 @@ def spanning_calls(
         rows = _kept(phase, span.r, at.length)
         if rows == 0:
             continue
-        q = Block(groups=batch, group_stride=0, pos=phase, head=c, heads=heads,
-                  head_stride=span.r, rows=rows, row_stride=span.r)  # fmt: skip
+        q = StridedBlock(groups=batch, group_stride=0, pos=phase, head=c, heads=heads,
+                         head_stride=span.r, rows=rows, row_stride=span.r)  # fmt: skip
         calls += chunked(Call(q=q, kv=q, causal=span.causal, first=first))
         for n, i in enumerate(span.sources):
             kv_rows = _kept(span.phase(c, i, at.length), span.r, at.length)
             if kv_rows == 0:
                 continue
-            kv = Block(batch=n * batch, groups=batch, group_stride=0, head=c, heads=heads,
-                       head_stride=span.r, rows=kv_rows)  # fmt: skip
+            kv = StridedBlock(batch=n * batch, groups=batch, group_stride=0, head=c, heads=heads,
+                              head_stride=span.r, rows=kv_rows)  # fmt: skip
             calls += chunked(Call(q=q, kv=kv, causal=False, source=source))
     return calls

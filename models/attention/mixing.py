@@ -34,7 +34,7 @@ CPU_CHUNK_ROWS = 2**16
 
 
 @dataclass(frozen=True, kw_only=True)
-class Block:
+class StridedBlock:
     """A dense ``(G, M, A)`` block of (group, row, head) that is a strided view of a
     ``(B, L, H, ...)`` tensor: row j of head i in group g sits at position
     ``pos + g*group_stride + j*row_stride + i*head_pos_stride`` and head
@@ -68,16 +68,16 @@ class Block:
             x.storage_offset() + self.batch * s_b + self.pos * s_n + self.head * s_h,
         )
 
-    def split(self, start: int, count: int) -> Block:
+    def take_groups(self, start: int, count: int) -> StridedBlock:
         """Groups [start, start + count) of this block."""
         if self.group_stride:
             return replace(self, groups=count, pos=self.pos + start * self.group_stride)
         return replace(self, groups=count, batch=self.batch + start)
 
 
-def contiguous_block(*, batch=0, pos=0, groups, group_stride, rows, n_head) -> Block:
+def contiguous_block(*, batch=0, pos=0, groups, group_stride, rows, n_head) -> StridedBlock:
     """All heads of ``rows`` consecutive positions, in ``groups`` groups."""
-    return Block(
+    return StridedBlock(
         batch=batch, pos=pos, groups=groups, group_stride=group_stride, heads=n_head, rows=rows
     )
 
@@ -91,8 +91,8 @@ class Call:
     source 0 and be disjoint, so their results can be copied rather than merged.
     """
 
-    q: Block
-    kv: Block
+    q: StridedBlock
+    kv: StridedBlock
     causal: bool
     source: int = 0
     mask: torch.Tensor | None = None
@@ -107,7 +107,7 @@ def chunked(call: Call, rows: int | None = None) -> list[Call]:
     if call.q.groups <= per:
         return [call]
     return [
-        replace(call, q=call.q.split(g0, n), kv=call.kv.split(g0, n))
+        replace(call, q=call.q.take_groups(g0, n), kv=call.kv.take_groups(g0, n))
         for g0 in range(0, call.q.groups, per)
         for n in [min(per, call.q.groups - g0)]
     ]
