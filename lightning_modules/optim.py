@@ -17,8 +17,8 @@ from typing import Literal, get_args
 
 import torch
 
-Schedule = Literal["polynomial", "cosine", "constant"]
-SCHEDULES = get_args(Schedule)
+LRSchedule = Literal["polynomial", "cosine", "constant"]
+LR_SCHEDULES = get_args(LRSchedule)
 NonFinite = Literal["skip", "stop"]
 NONFINITE = get_args(NonFinite)
 
@@ -32,7 +32,7 @@ class OptimConfig:
     eps: float = 1.0e-8  # AdamW
     weight_decay: float = 0.01  # on weights of 2 or more dimensions only
     warmup_steps: int = 750  # linear warm-up
-    schedule: Schedule = "polynomial"  # after warm-up, to max_steps
+    schedule: LRSchedule = "polynomial"  # after warm-up, to max_steps
     power: float = 1.0  # polynomial decay power (1: linear)
     min_lr_ratio: float = 0.0  # final lr / peak lr
     total_steps: int | None = None  # length of the schedule; null: trainer.max_steps
@@ -41,8 +41,8 @@ class OptimConfig:
 
     def __post_init__(self):
         self.betas = list(self.betas)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         if not self.lr > 0 or self.warmup_steps < 0 or len(self.betas) != 2:
             raise ValueError(
                 f"optim needs lr > 0, warmup_steps >= 0 and two betas, got lr={self.lr}, "

@@ -122,7 +122,7 @@ def merge(schema: type, files=(), overrides=()) -> DictConfig:
     return cfg
 
 
-def build(schema: type, cfg: DictConfig):
+def to_dataclass(schema: type, cfg: DictConfig):
     """The dataclass of a merged config; each section is built on its own, so that a value
     check names its section."""
     parts = {}
@@ -144,11 +144,11 @@ def build(schema: type, cfg: DictConfig):
 
 
 def load_run_config(files=(), overrides=()) -> RunConfig:
-    return build(RunConfig, merge(RunConfig, files, overrides))
+    return to_dataclass(RunConfig, merge(RunConfig, files, overrides))
 
 
 def load_eval_config(files=(), overrides=()) -> EvalConfig:
-    return build(EvalConfig, merge(EvalConfig, files, overrides))
+    return to_dataclass(EvalConfig, merge(EvalConfig, files, overrides))
 
 
 def to_yaml(config) -> str:

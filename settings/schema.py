@@ -104,7 +104,7 @@ EvalData = make_dataclass(
 )
 EvalData.__module__ = __name__
 
-Split = Literal["auto", "train", "val", "test", "all"]
+EvalSplit = Literal["auto", "train", "val", "test", "all"]
 
 
 @dataclass
@@ -115,7 +115,7 @@ class EvalConfig:
     checkpoints: list[str] = _list()  # e.g. [runs/demo/checkpoints/last.ckpt]
     context_lengths: list[int] = _list(512, 1024, 2048, 4096, 8192)  # tokens of context
     out_dir: str = "runs/eval"  # tables and plots; written only when everything succeeded
-    split: Split = "auto"  # auto: test split of a model's own corpus, all documents of another
+    split: EvalSplit = "auto"  # auto: test split of a model's own corpus, all documents of another
     suffix: int = 256  # prompting curve: the final tokens scored at every prompt length
     max_tokens_per_document: int | None = None  # score only this many first tokens of each
     max_documents: int | None = None  # score only the first N documents serving every length

@@ -48,7 +48,7 @@ class StudyEval:
 
 
 @dataclass
-class Schedule:
+class DilationSchedule:
     segment_lengths: list[int] = MISSING  # w_i
     dilation_rates: list[int] = MISSING  # r_i, one per segment length
 
@@ -91,7 +91,7 @@ class PaperTable:
 
 @dataclass
 class Table2Study(Study):
-    schedule: Schedule = MISSING  # every LongNet run's; sparse runs are FLOP-matched to it
+    schedule: DilationSchedule = MISSING  # every LongNet run's; sparse runs are FLOP-matched to it
     runs: list[Table2Run] = MISSING
     paper: PaperTable | None = None  # the paper's numbers, printed below ours
 
@@ -131,7 +131,7 @@ class AblationStudy(Study):
     model: str = MISSING  # the model YAML every schedule trains
     seq_len: int = MISSING  # the training length
     grid: Grid | None = None
-    schedules: dict[str, Schedule] = field(default_factory=dict)  # named, besides the grid
+    schedules: dict[str, DilationSchedule] = field(default_factory=dict)  # named, besides the grid
     bench: StudyBench = MISSING
 
     def __post_init__(self):
