@@ -50,9 +50,9 @@ class DataConfig:
         ):
             raise ValueError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
         if self.source == "recall":
-            from data.recall import check_layout
+            from data.recall import check_recall_task
 
-            check_layout(self)
+            check_recall_task(self)
         elif self.vocab_size < 257:
             raise ValueError(
                 f"data.vocab_size must be at least 257 (bytes + end of document), "

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from data.config import DataConfig
 from data.corpus import Corpus, prepare
-from data.recall import Layout, RecallSet, RecallStream
+from data.recall import RecallSet, RecallStream, RecallTask
 from data.windows import DocumentWindows, PackedWindows
 
 
@@ -27,7 +27,7 @@ class LongContextDataModule(L.LightningDataModule):
         self.corpus: Corpus | None = None
         self.batches_consumed = 0  # training batches delivered to the model on this rank
         # data.source=recall: generated sequences, no corpus (data/recall.py)
-        self.recall = Layout.of(self.config) if self.config.source == "recall" else None
+        self.recall = RecallTask.of(self.config) if self.config.source == "recall" else None
 
     # -- preparation -------------------------------------------------------------------------
 

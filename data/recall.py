@@ -40,7 +40,7 @@ STREAMS = {"train": 0, "val": 1, "test": 2}  # disjoint random streams
 
 
 @dataclass(frozen=True)
-class Layout:
+class RecallTask:
     """The task's vocabulary and sizes (from the ``recall_*`` fields of a DataConfig)."""
 
     keys: int = 128
@@ -52,7 +52,7 @@ class Layout:
     max_distance: int | None = None  # None: the sequence length
 
     @classmethod
-    def of(cls, cfg) -> Layout:
+    def of(cls, cfg) -> RecallTask:
         return cls(cfg.recall_keys, cfg.recall_values, cfg.recall_filler, cfg.recall_records,
                    cfg.seq_len, cfg.recall_min_distance, cfg.recall_max_distance)  # fmt: skip
 
@@ -99,7 +99,7 @@ class Layout:
         return path
 
 
-def check_layout(cfg) -> None:
+def check_recall_task(cfg) -> None:
     """The ``recall_*`` settings of a DataConfig; a ValueError naming the bad value."""
     for name in ("recall_keys", "recall_values", "recall_filler", "recall_records",
                  "recall_min_distance"):  # fmt: skip
@@ -134,20 +134,20 @@ class Sequence:
     distances: np.ndarray
 
 
-def sequence(layout: Layout, length: int, rng: np.random.Generator,
+def sequence(task: RecallTask, length: int, rng: np.random.Generator,
              distance: int | None = None) -> Sequence:  # fmt: skip
     """A sequence of ``length`` input tokens (plus one, the last target). ``distance``: every
     query at exactly that many tokens after its record (rounded down to a multiple of 4);
-    None: each drawn log-uniformly in the layout's range (capped at ``length``)."""
+    None: each drawn log-uniformly in the task's range (capped at ``length``)."""
     n_slots = (length + 1 + SLOT - 1) // SLOT  # slots covering the L + 1 tokens
-    tokens = rng.integers(0, layout.filler, size=n_slots * SLOT)  # filler everywhere first
+    tokens = rng.integers(0, task.filler, size=n_slots * SLOT)  # filler everywhere first
     free = np.ones(n_slots, dtype=bool)
     free[-1] = (length + 1) % SLOT == 0  # a partial last slot cannot hold a whole query
-    lo = max(1, layout.min_distance // SLOT)
-    hi = max(lo, min(layout.max_distance or length, length) // SLOT)
+    lo = max(1, task.min_distance // SLOT)
+    hi = max(lo, min(task.max_distance or length, length) // SLOT)
     labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
     distances = np.zeros(length, dtype=np.int64)
-    keys = rng.permutation(layout.keys)[: layout.records_at(length)]
+    keys = rng.permutation(task.keys)[: task.records_at(length)]
     for key in keys:
         room = None
         for _ in range(1 if distance is not None else 8):  # a distance with room for the pair
@@ -164,10 +164,10 @@ def sequence(layout: Layout, length: int, rng: np.random.Generator,
         r = int(rng.choice(room))
         q = r + gap
         free[r] = free[q] = False
-        value = int(rng.integers(layout.values))
-        k_id, v_id = layout.key_id(int(key)), layout.value_id(value)
-        tokens[r * SLOT : r * SLOT + 3] = (layout.set_id, k_id, v_id)
-        tokens[q * SLOT : q * SLOT + 3] = (layout.ask_id, k_id, v_id)
+        value = int(rng.integers(task.values))
+        k_id, v_id = task.key_id(int(key)), task.value_id(value)
+        tokens[r * SLOT : r * SLOT + 3] = (task.set_id, k_id, v_id)
+        tokens[q * SLOT : q * SLOT + 3] = (task.ask_id, k_id, v_id)
         answer = q * SLOT + 2  # the value's position; it is the label of the position before
         labels[answer - 1] = tokens[answer]
         distances[answer - 1] = gap * SLOT
@@ -193,9 +193,9 @@ class RecallStream(IterableDataset):
     ``skip_batches`` batches already delivered by a loader of ``batch_size`` and
     ``num_workers``."""
 
-    def __init__(self, layout: Layout, seed: int, batch_size: int, num_workers: int,
+    def __init__(self, task: RecallTask, seed: int, batch_size: int, num_workers: int,
                  rank: int = 0, world_size: int = 1, skip_batches: int = 0):  # fmt: skip
-        self.layout, self.seed, self.batch_size = layout, seed, batch_size
+        self.task, self.seed, self.batch_size = task, seed, batch_size
         self.workers, self.rank, self.skip_batches = max(1, num_workers), rank, skip_batches
         self.n_shards = world_size * self.workers
 
@@ -213,16 +213,16 @@ class RecallStream(IterableDataset):
         done = max(0, -(-(self.skip_batches - worker) // self.workers))  # as PackedWindows
         for i in self.indices(shard, done * self.batch_size):
             rng = sequence_rng(self.seed, "train", i)
-            yield item(sequence(self.layout, self.layout.seq_len, rng), i)
+            yield item(sequence(self.task, self.task.seq_len, rng), i)
 
 
 class RecallSet(Dataset):
     """A fixed held-out set: ``count`` sequences of ``length`` tokens from the ``stream``
     (val or test), each query at ``distance`` (None: drawn as in training)."""
 
-    def __init__(self, layout: Layout, seed: int, stream: str, count: int, length: int,
+    def __init__(self, task: RecallTask, seed: int, stream: str, count: int, length: int,
                  distance: int | None = None):  # fmt: skip
-        self.layout, self.seed, self.stream = layout, seed, stream
+        self.task, self.seed, self.stream = task, seed, stream
         self.count, self.length, self.distance = count, length, distance
 
     def __len__(self) -> int:
@@ -230,4 +230,4 @@ class RecallSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = sequence_rng(self.seed, self.stream, i, self.distance or 0)
-        return item(sequence(self.layout, self.length, rng, self.distance), i)
+        return item(sequence(self.task, self.length, rng, self.distance), i)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from data.batch import scored
-from data.recall import SLOT, Layout, RecallSet
+from data.recall import SLOT, RecallSet, RecallTask
 from pipeline.scoring import not_reached
 
 log = logging.getLogger("eval")
@@ -63,11 +63,11 @@ def say_reach(name: str, cfg, longest: int) -> None:
 @torch.no_grad()
 def score(model, lengths: list[int], distances, count: int, batch_tokens: int, device) -> list:
     """Rows ``{model, length, distance, queries, correct, accuracy, nll, note}``."""
-    layout = Layout.of(model.data)
+    task = RecallTask.of(model.data)
     net, rows = model.net, []
     for length in lengths:
         for d in distance_grid(length, distances):
-            data = RecallSet(layout, model.data.seed, "test", count, length, distance=d)
+            data = RecallSet(task, model.data.seed, "test", count, length, distance=d)
             row = {"model": model.label, "length": length, "distance": d, "queries": 0,
                    "correct": 0, "nll_sum": 0.0, "note": ""}  # fmt: skip
             per = max(1, batch_tokens // length)

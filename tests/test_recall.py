@@ -11,19 +11,19 @@ import torch.nn.functional as F
 
 from data.batch import IGNORE_INDEX as IGNORE
 from data.config import DataConfig
-from data.recall import SLOT, Layout, RecallSet, RecallStream, sequence, sequence_rng
+from data.recall import SLOT, RecallSet, RecallStream, RecallTask, sequence, sequence_rng
 
-LAYOUT = Layout(keys=64, values=32, filler=8, records=12, seq_len=256)
+TASK = RecallTask(keys=64, values=32, filler=8, records=12, seq_len=256)
 
 
-def pairs(layout: Layout, seq) -> list[tuple[int, int, int, int]]:
+def pairs(task: RecallTask, seq) -> list[tuple[int, int, int, int]]:
     """(record slot start, query slot start, key id, value id) read back from the tokens."""
     t = seq.tokens
     found = []
     for q in range(0, len(t) - 2, SLOT):
-        if t[q] == layout.ask_id:
+        if t[q] == task.ask_id:
             key, value = t[q + 1], t[q + 2]
-            records = [r for r in range(0, q, SLOT) if t[r] == layout.set_id and t[r + 1] == key]
+            records = [r for r in range(0, q, SLOT) if t[r] == task.set_id and t[r + 1] == key]
             assert len(records) == 1, "one record per key"
             assert t[records[0] + 2] == value
             found.append((records[0], q, int(key), int(value)))
@@ -31,32 +31,32 @@ def pairs(layout: Layout, seq) -> list[tuple[int, int, int, int]]:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_layout_labels_and_distances(seed):
-    seq = sequence(LAYOUT, 256, np.random.default_rng(seed))
+def test_task_labels_and_distances(seed):
+    seq = sequence(TASK, 256, np.random.default_rng(seed))
     assert seq.tokens.shape == (257,) and seq.labels.shape == (256,)
-    assert seq.tokens.min() >= 0 and seq.tokens.max() < LAYOUT.vocab_size
-    found = pairs(LAYOUT, seq)
-    assert len(found) == LAYOUT.records  # every record queried once, all placed
+    assert seq.tokens.min() >= 0 and seq.tokens.max() < TASK.vocab_size
+    found = pairs(TASK, seq)
+    assert len(found) == TASK.records  # every record queried once, all placed
     scored = np.flatnonzero(seq.labels != IGNORE)
     # the label sits at the query's key: it predicts the value that follows
     assert sorted(scored.tolist()) == sorted(q + 1 for _, q, _, _ in found)
     for r, q, key, value in found:
         assert seq.labels[q + 1] == value and seq.distances[q + 1] == q - r
-        assert LAYOUT.key_id(0) <= key < LAYOUT.value_id(0) <= value
+        assert TASK.key_id(0) <= key < TASK.value_id(0) <= value
     assert len({key for *_, key, _ in found}) == len(found)  # distinct keys
     d = seq.distances[scored]
     assert (d % SLOT == 0).all() and d.min() >= 4 and d.max() <= 256
     filler = np.ones(257, dtype=bool)
     for r, q, *_ in found:
         filler[r : r + 3] = filler[q : q + 3] = False
-    assert (seq.tokens[filler] < LAYOUT.filler).all()  # everything else is filler
+    assert (seq.tokens[filler] < TASK.filler).all()  # everything else is filler
 
 
 def test_distances_are_log_uniform_in_the_configured_range():
-    layout = Layout(keys=64, values=32, filler=8, records=12, seq_len=256, min_distance=8,
-                    max_distance=128)  # fmt: skip
+    task = RecallTask(keys=64, values=32, filler=8, records=12, seq_len=256, min_distance=8,
+                      max_distance=128)  # fmt: skip
     d = np.concatenate([
-        (s := sequence(layout, 256, np.random.default_rng(i))).distances[s.labels != IGNORE]
+        (s := sequence(task, 256, np.random.default_rng(i))).distances[s.labels != IGNORE]
         for i in range(200)
     ])  # fmt: skip
     assert d.min() >= 8 and d.max() <= 128
@@ -68,21 +68,21 @@ def test_distances_are_log_uniform_in_the_configured_range():
 
 @pytest.mark.parametrize("distance", [4, 64, 500, 1020])
 def test_fixed_distance_puts_every_query_there(distance):
-    seq = sequence(LAYOUT, 1024, np.random.default_rng(0), distance=distance)
+    seq = sequence(TASK, 1024, np.random.default_rng(0), distance=distance)
     d = seq.distances[seq.labels != IGNORE]
     assert len(d) >= 1 and (d == distance // SLOT * SLOT).all()
-    assert len(d) == min(LAYOUT.records_at(1024), 1024 // SLOT - distance // SLOT)
+    assert len(d) == min(TASK.records_at(1024), 1024 // SLOT - distance // SLOT)
 
 
 def test_seeded_and_streams_are_disjoint():
-    a = sequence(LAYOUT, 256, sequence_rng(1, "train", 5))
-    b = sequence(LAYOUT, 256, sequence_rng(1, "train", 5))
+    a = sequence(TASK, 256, sequence_rng(1, "train", 5))
+    b = sequence(TASK, 256, sequence_rng(1, "train", 5))
     assert (a.tokens == b.tokens).all()
     for other in (sequence_rng(2, "train", 5), sequence_rng(1, "train", 6),
                   sequence_rng(1, "val", 5)):  # fmt: skip
-        assert (sequence(LAYOUT, 256, other).tokens != a.tokens).any()
-    val = RecallSet(LAYOUT, 1, "val", 4, 256)
-    assert (val[2]["input_ids"] == RecallSet(LAYOUT, 1, "val", 4, 256)[2]["input_ids"]).all()
+        assert (sequence(TASK, 256, other).tokens != a.tokens).any()
+    val = RecallSet(TASK, 1, "val", 4, 256)
+    assert (val[2]["input_ids"] == RecallSet(TASK, 1, "val", 4, 256)[2]["input_ids"]).all()
 
 
 def take(stream, n):
@@ -90,15 +90,15 @@ def take(stream, n):
 
 
 def test_stream_is_sharded_disjoint_and_resumable():
-    ranks = [take(RecallStream(LAYOUT, 0, 4, 0, rank, 3), 40) for rank in range(3)]
+    ranks = [take(RecallStream(TASK, 0, 4, 0, rank, 3), 40) for rank in range(3)]
     assert not set(ranks[0]) & set(ranks[1]) and not set(ranks[1]) & set(ranks[2])
     assert sorted(ranks[0] + ranks[1] + ranks[2]) == list(range(120))
     # a loader of batch 4 resumed after 6 batches continues where the first stopped
-    whole = take(RecallStream(LAYOUT, 0, 4, 0, 1, 3), 40)
-    resumed = take(RecallStream(LAYOUT, 0, 4, 0, 1, 3, skip_batches=6), 16)
+    whole = take(RecallStream(TASK, 0, 4, 0, 1, 3), 40)
+    resumed = take(RecallStream(TASK, 0, 4, 0, 1, 3, skip_batches=6), 16)
     assert resumed == whole[24:40]
-    first = next(iter(RecallStream(LAYOUT, 0, 4, 0)))
-    again = next(iter(RecallStream(LAYOUT, 0, 4, 0)))
+    first = next(iter(RecallStream(TASK, 0, 4, 0)))
+    again = next(iter(RecallStream(TASK, 0, 4, 0)))
     assert (first["input_ids"] == again["input_ids"]).all()
 
 
@@ -120,13 +120,13 @@ def test_label_masking_scores_only_answers():
     """The training loss is the mean NLL over answer tokens; other labels do not matter."""
     from lightning_modules.lm import CausalLM
 
-    layout = Layout(keys=16, values=8, filler=4, records=4, seq_len=32)
-    model = dict(vocab_size=layout.vocab_size, d_model=32, n_layer=1, n_head=4, d_ff=64,
+    task = RecallTask(keys=16, values=8, filler=4, records=4, seq_len=32)
+    model = dict(vocab_size=task.vocab_size, d_model=32, n_layer=1, n_head=4, d_ff=64,
                  segment_lengths=[8, 16], dilation_rates=[1, 2])  # fmt: skip
     torch.manual_seed(0)
     lm = CausalLM(model)
     batch = torch.utils.data.default_collate(
-        [RecallSet(layout, 0, "val", 3, 32)[i] for i in range(3)]
+        [RecallSet(task, 0, "val", 3, 32)[i] for i in range(3)]
     )
     loss = lm.training_step(batch, 0)
     logits = lm.model(batch["input_ids"])
@@ -170,23 +170,23 @@ class Oracle(torch.nn.Module):
     """Reads the answer off the sequence (the most recent ``SET key value`` of the key it
     sits on) and puts all its logit there; ``scale=0`` makes it uniform."""
 
-    def __init__(self, layout: Layout, scale: float = 1.0):
+    def __init__(self, task: RecallTask, scale: float = 1.0):
         super().__init__()
-        self.layout, self.scale = layout, scale
-        self.lm_head = torch.nn.Linear(layout.vocab_size, layout.vocab_size, bias=False)
-        self.lm_head.weight.data = torch.eye(layout.vocab_size)
+        self.task, self.scale = task, scale
+        self.lm_head = torch.nn.Linear(task.vocab_size, task.vocab_size, bias=False)
+        self.lm_head.weight.data = torch.eye(task.vocab_size)
         from models.transformer import ModelConfig
 
-        self.config = ModelConfig(vocab_size=layout.vocab_size, attention="dense")
+        self.config = ModelConfig(vocab_size=task.vocab_size, attention="dense")
 
     def hidden(self, tokens):
-        out = torch.zeros(*tokens.shape, self.layout.vocab_size)
+        out = torch.zeros(*tokens.shape, self.task.vocab_size)
         for b, row in enumerate(tokens.tolist()):
             seen = {}
             for i in range(1, len(row) - 1):
-                if row[i - 1] == self.layout.set_id:
+                if row[i - 1] == self.task.set_id:
                     seen[row[i]] = row[i + 1]
-                if row[i - 1] == self.layout.ask_id and row[i] in seen:
+                if row[i - 1] == self.task.ask_id and row[i] in seen:
                     out[b, i, seen[row[i]]] = 50.0 * self.scale
         return out
 
@@ -198,10 +198,10 @@ def test_recall_accuracy_of_an_oracle_and_a_uniform_model(scale, accuracy, tmp_p
     from pipeline import recall_probe
     from pipeline.scoring import Model
 
-    layout = Layout(keys=32, values=16, filler=4, records=8, seq_len=64)
+    task = RecallTask(keys=32, values=16, filler=4, records=8, seq_len=64)
     data = DataConfig(source="recall", seq_len=64, recall_keys=32, recall_values=16,
                       recall_filler=4, recall_records=8)  # fmt: skip
-    model = Model("oracle", Oracle(layout, scale), 64, data, label="oracle")
+    model = Model("oracle", Oracle(task, scale), 64, data, label="oracle")
     rows = recall_probe.score(model, [64, 128], None, 4, 256, torch.device("cpu"))
     assert {(r["length"], r["distance"]) for r in rows} == {(64, 16), (64, 32), (128, 16),
                                                             (128, 32), (128, 64)}  # fmt: skip
@@ -211,7 +211,7 @@ def test_recall_accuracy_of_an_oracle_and_a_uniform_model(scale, accuracy, tmp_p
             assert r["accuracy"] == 1.0 and r["nll"] < 1e-6
         else:
             assert r["accuracy"] == 0.0
-            assert r["nll"] == pytest.approx(math.log(layout.vocab_size), rel=1e-6)
+            assert r["nll"] == pytest.approx(math.log(task.vocab_size), rel=1e-6)
     written = recall_probe.write(rows, [model], tmp_path)
     assert all((tmp_path / f).exists() for f in written)
     assert "| oracle | 128 |" in recall_probe.table(rows)

@@ -8,7 +8,7 @@ then score answer accuracy against record-to-query distance.
     python -m experiments.studies.long_range --threads 1 --shard 1/2     # 2 cores; then the table
 
 The study YAML (``configs/study/long_range_tiny.yaml``) names the model (width, depth, heads),
-the recall layout, the training length and token budget, and the runs: each a list of
+the recall task, the training length and token budget, and the runs: each a list of
 train.py overrides (the attention and its schedule) on top of the shared ones, all trained on
 the same tokens (the same seed and stream). With a ``curriculum:`` (seq_len, steps, train
 overrides) each run first trains a stage ``<run>.<seq_len>`` at that shorter length and then
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from data.recall import Layout
+from data.recall import RecallTask
 from experiments.studies import runner
 from experiments.studies.runner import Result, Run, Study, checked_run
 from experiments.studies.schema import LongRangeStudy
@@ -165,8 +165,8 @@ def report(spec: LongRangeStudy, ranked: list[dict], stages: list[Result], cfg, 
         rows.append([i, r["name"], r["attention"], r["gflop"] * 1e3, r["train_seconds"],
                      r["val_accuracy"], r["area_train_len"], r["area"], r["area_per_gflop"],
                      *[curves[r["name"]].get(d) for d in dists]])  # fmt: skip
-    layout = Layout.of(cfg.data)
-    guess = ", ".join(f"1/{layout.records_at(L)} at {L}" for L in lengths)
+    task = RecallTask.of(cfg.data)
+    guess = ", ".join(f"1/{task.records_at(L)} at {L}" for L in lengths)
     text = [
         f"# {name}: answer accuracy by distance, ranked by area per attention FLOP",
         "",
