@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import recall_probe
 from pipeline import scoring as sc
-from pipeline.report import line_plot, markdown_table
+from pipeline.display import line_plot, markdown_table
 from settings.schema import EvalConfig
 
 

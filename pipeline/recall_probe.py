@@ -185,7 +185,7 @@ def heatmap(rows, models, path: Path) -> None:
 
 def table(rows: list[dict]) -> str:
     """Markdown: accuracy by distance (columns) for each (model, length)."""
-    from pipeline.report import markdown_table
+    from pipeline.display import markdown_table
 
     dists = sorted({r["distance"] for r in rows})
     keys = sorted({(r["model"], r["length"]) for r in rows}, key=lambda k: (k[0], k[1]))

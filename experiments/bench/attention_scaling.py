@@ -28,7 +28,7 @@ from experiments.bench.measure import PAPER_R, PAPER_W, RESULTS, K, fixed_mmap_t
 from experiments.provenance import write_results
 from models.attention.backends import attention_backward, attention_forward
 from models.attention.dilated import dilated_attention
-from pipeline import report
+from pipeline import display
 
 
 def make_qkv(n, args, grad=False):
@@ -138,7 +138,7 @@ def parse_args(argv=None):
     return args
 
 
-def fmt(x, spec=".3f"):
+def cell(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
@@ -161,11 +161,11 @@ def main(argv=None):
             row.update(dense_runs(n, args))
         rows.append(row)
         print(
-            f"  N={n}: " + ", ".join(f"{k}={fmt(v, '.4g')}" for k, v in row.items() if k != "n"),
+            f"  N={n}: " + ", ".join(f"{k}={cell(v, '.4g')}" for k, v in row.items() if k != "n"),
             flush=True,
         )
     write_results(args.out / "attention_scaling.csv", rows, COLUMNS)
-    print(markdown_table(rows))
+    print(table(rows))
     print(summary(rows))
     plot(rows, args.out / "attention_scaling.png", args)
     print(f"wrote {args.out / 'attention_scaling.csv'} and {args.out / 'attention_scaling.png'}")
@@ -188,23 +188,23 @@ def _ratio(a, b):
     return None if a is None or b is None else a / b
 
 
-def markdown_table(rows) -> str:
+def table(rows) -> str:
     header = ["N", "fwd s", "fwd+bwd s", "floor fwd+bwd s", "x floor (fwd / fwd+bwd)",
               "us/token fwd+bwd", "dense fwd+bwd s", "dense / dilated", "peak MiB fwd",
               "peak MiB fwd+bwd"]  # fmt: skip
-    table = []
+    body = []
     for r in rows:
         fb, mem = r.get("fwdbwd_s"), r.get("fwdbwd_mem")
-        table.append([
-            f"{r['n'] // K}K", fmt(r["fwd_s"], ".2f"), fmt(fb, ".2f"),
-            fmt(r.get("floor_fwdbwd_s"), ".2f"),
-            f"{fmt(_ratio(r['fwd_s'], r.get('floor_fwd_s')), '.2f')} / "
-            f"{fmt(_ratio(fb, r.get('floor_fwdbwd_s')), '.2f')}",
-            fmt(None if fb is None else fb / r["n"] * 1e6, ".1f"),
-            fmt(r.get("dense_fwdbwd_s"), ".2f"), fmt(_ratio(r.get("dense_fwdbwd_s"), fb), ".1f"),
-            fmt(r["fwd_mem"] / 2**20, ".0f"), fmt(None if mem is None else mem / 2**20, ".0f"),
+        body.append([
+            f"{r['n'] // K}K", cell(r["fwd_s"], ".2f"), cell(fb, ".2f"),
+            cell(r.get("floor_fwdbwd_s"), ".2f"),
+            f"{cell(_ratio(r['fwd_s'], r.get('floor_fwd_s')), '.2f')} / "
+            f"{cell(_ratio(fb, r.get('floor_fwdbwd_s')), '.2f')}",
+            cell(None if fb is None else fb / r["n"] * 1e6, ".1f"),
+            cell(r.get("dense_fwdbwd_s"), ".2f"), cell(_ratio(r.get("dense_fwdbwd_s"), fb), ".1f"),
+            cell(r["fwd_mem"] / 2**20, ".0f"), cell(None if mem is None else mem / 2**20, ".0f"),
         ])  # fmt: skip
-    return report.markdown_table(header, table)
+    return display.markdown_table(header, body)
 
 
 def summary(rows) -> str:
@@ -232,8 +232,8 @@ def plot(rows, path, args):
     curves = {label: {r["n"]: r.get(key) for r in rows} for label, key in series.items()}
     title = (f"Dilated attention, paper schedule, H={args.heads} D={args.head_dim}, "
              f"{args.device.type} {str(args.dtype)[6:]}")  # fmt: skip
-    report.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)", title,
-                     logy=True, fontsize=9)  # fmt: skip
+    display.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)", title,
+                      logy=True, fontsize=9)  # fmt: skip
 
 
 if __name__ == "__main__":

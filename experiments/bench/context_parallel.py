@@ -41,7 +41,7 @@ from experiments.bench.measure import (
 from experiments.provenance import write_results
 from models.attention import distributed
 from models.attention.dilated import dilated_attention
-from pipeline import report
+from pipeline import display
 
 NAME = "context_parallel"  # the files it writes: NAME.{csv,json,png}
 HEADS, HEAD_DIM, BYTES = 12, 64, 4  # fp32
@@ -229,7 +229,7 @@ def table(rows: list[dict], schedule: str = "paper") -> str:
             f"{mib(r['fwd_received'])} ({mib(formula)})", mib(both),
             mib(ring_received(r["n"], r["P"]) * BYTES),
         ])  # fmt: skip
-    return report.markdown_table(header, cells)
+    return display.markdown_table(header, cells)
 
 
 def projection() -> str:
@@ -256,10 +256,10 @@ def plot(rows: list[dict], path: Path, schedule: str = "paper") -> None:
     for key, label in (("fwdbwd_s", "fwd+bwd s"), ("fwd_s", "fwd s")):
         for world in sorted({r["P"] for r in rows}):
             curves[f"P={world} {label}"] = {r["n"]: r.get(key) for r in rows if r["P"] == world}
-    report.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)",
-                     f"Context-parallel dilated attention, {schedule} schedule, H=12 D=64, "
-                     "CPU gloo",
-                     logy=True)  # fmt: skip
+    display.line_plot(path, curves, "sequence length N (tokens)", "seconds (median)",
+                      f"Context-parallel dilated attention, {schedule} schedule, H=12 D=64, "
+                      "CPU gloo",
+                      logy=True)  # fmt: skip
 
 
 def main(argv=None) -> None:

@@ -52,7 +52,7 @@ from experiments.bench.measure import (
     window,
 )
 from experiments.provenance import rows_of, write_results
-from pipeline import report
+from pipeline import display
 from settings.loading import model_config_named
 
 MODES = ("plain", "chunked", "saving", "sublayer")
@@ -105,7 +105,7 @@ def table(rows: list[dict]) -> str:
          r.get("peak_mib"), r.get("mib_per_token")]
         for r in rows
     ]  # fmt: skip
-    return report.markdown_table(header, cells, digits=3)
+    return display.markdown_table(header, cells, digits=3)
 
 
 def coefficients(rows: list[dict], model_name: str) -> dict[str, tuple[float, float]]:
@@ -160,7 +160,7 @@ def estimate(rows: list[dict], model_name: str, targets: list[str], gpu_bytes: f
             longest = max(0.0, gpu_bytes - reserved) / per_token
             cells.append([name, f"{params / 1e6:.0f}M", 16 * params / 2**30, mode,
                           per_token / 2**10, f"{longest / K:.0f}K"])  # fmt: skip
-    return report.markdown_table(header, cells, digits=1)
+    return display.markdown_table(header, cells, digits=1)
 
 
 def parse_args(argv=None):

@@ -43,7 +43,7 @@ from experiments.bench.measure import (
 )
 from experiments.provenance import write_results
 from models.transformer import ModelConfig, flops_per_token
-from pipeline import report
+from pipeline import display
 from pipeline.scoring import not_reached
 from settings.cli import run_cli
 from settings.loading import model_config_named
@@ -173,11 +173,11 @@ def _length(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def markdown_table(rows: list[dict], models: list[str], lengths: list[int], cuda: bool) -> str:
+def table(rows: list[dict], models: list[str], lengths: list[int], cuda: bool) -> str:
     per_model = ["tok/s", "peak MiB"] + (["MFU %"] if cuda else [])
     header = ["N"] + [f"{m} {c}" for m in models for c in per_model]
     by_key = {(r["model"], r["n"]): r for r in rows}
-    table = []
+    body = []
     for n in lengths:
         cells = [_length(n)]
         for m in models:
@@ -187,8 +187,8 @@ def markdown_table(rows: list[dict], models: list[str], lengths: list[int], cuda
                 continue
             cells += [f"{r['tokens_per_s']:.0f}", f"{r['peak_mib']:.0f}"]
             cells += [f"{100 * r['mfu']:.1f}"] if cuda else []
-        table.append(cells)
-    return report.markdown_table(header, table)
+        body.append(cells)
+    return display.markdown_table(header, body)
 
 
 def write_outputs(rows: list[dict], info: dict, verdict: str, args) -> None:
@@ -207,10 +207,10 @@ def write_outputs(rows: list[dict], info: dict, verdict: str, args) -> None:
 def plot(rows: list[dict], models: list[str], path: Path, info: dict) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     curves = {m: {r["n"]: r["tokens_per_s"] for r in ok if r["model"] == m} for m in models}
-    report.line_plot(path, curves, "context length N (tokens, batch of one sequence)",
-                     "training tokens / s (median step)",
-                     f"Training throughput, {info['device']}, {info['dtype']}", logy=True,
-                     fontsize=9)  # fmt: skip
+    display.line_plot(path, curves, "context length N (tokens, batch of one sequence)",
+                      "training tokens / s (median step)",
+                      f"Training throughput, {info['device']}, {info['dtype']}", logy=True,
+                      fontsize=9)  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -227,7 +227,7 @@ def main(argv=None) -> None:
     for name, cfg in configs.items():
         rows += run_model(name, cfg, args)
     verdict = crossover(rows)
-    print(markdown_table(rows, args.models, args.lengths, args.device.type == "cuda"))
+    print(table(rows, args.models, args.lengths, args.device.type == "cuda"))
     print(verdict)
     write_outputs(rows, info, verdict, args)
     print(f"median of {args.repeats} steps after one warm-up; wrote {args.out}/throughput.*")

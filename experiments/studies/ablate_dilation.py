@@ -36,7 +36,7 @@ from experiments.studies.schema import AblationStudy
 from models.attention.dilated import dilated_attention, validate_schedule
 from models.attention.sparse import dilated_keys_per_query
 from pipeline import outputs
-from pipeline.report import line_plot, markdown_table
+from pipeline.display import line_plot, markdown_table
 from settings.cli import run_cli
 from settings.loading import ConfigError
 

@@ -39,7 +39,7 @@ from experiments.studies.runner import Result, Run, Study, checked_run
 from experiments.studies.schema import LongRangeStudy
 from models.transformer import attended_keys
 from pipeline import outputs
-from pipeline.report import line_plot, markdown_table
+from pipeline.display import line_plot, markdown_table
 from settings.cli import run_cli
 from settings.loading import ConfigError
 

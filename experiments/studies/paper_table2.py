@@ -28,7 +28,7 @@ from experiments.studies.runner import Result, Run, Study, checked_run
 from experiments.studies.schema import TABLE2_MODELS as MODELS
 from experiments.studies.schema import Table2Study
 from models.attention.sparse import match_dilated
-from pipeline.report import line_plot, markdown_table
+from pipeline.display import line_plot, markdown_table
 from settings.cli import run_cli
 
 
@@ -61,7 +61,7 @@ def score(spec: Table2Study, run: Run, run_dir: Path) -> dict:
     return {"eval": runner.ppl_by_length(run_dir, spec)}
 
 
-def report(spec: Table2Study, results: list[Result], out: Path, args=None) -> dict:
+def finish(spec: Table2Study, results: list[Result], out: Path, args=None) -> dict:
     lengths = list(spec.eval.context_lengths)
     header = ["model", "training length", "batch", *[f"ppl @{n}" for n in lengths]]
     header += ["train s", "eval s"]
@@ -104,7 +104,7 @@ STUDY = Study(
     default_config=lambda a: runner.ROOT / "configs" / "study" / f"paper_table2_{a.scale}.yaml",
     plan=plan,
     score=score,
-    finish=report,
+    finish=finish,
     options=options,
 )
 

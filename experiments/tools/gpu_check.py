@@ -32,7 +32,7 @@ import torch
 
 from experiments.bench import attention_scaling
 from models.attention.backends import flash_attn_version, resolve_backend
-from pipeline.report import markdown_table
+from pipeline.display import markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
 K = 1024
@@ -201,7 +201,7 @@ def report(env: dict, results: dict, seconds: float) -> str:
     if "bench" in results:
         b = results["bench"]
         title = f"## Attention: paper schedule, B=1, H=12, D=64, bf16, backend {b.get('backend')}"
-        lines += [title, "", b["status"], "", attention_scaling.markdown_table(b["rows"]), ""]
+        lines += [title, "", b["status"], "", attention_scaling.table(b["rows"]), ""]
         lines += [f"N={r['n'] // K}K: {r['note']}" for r in b["rows"] if r.get("note")]
         lines += [attention_scaling.summary(b["rows"]), ""]
     if "train" in results:
