@@ -8,7 +8,7 @@ import yaml
 
 from experiments.studies import ablate_dilation, long_range, paper_table2
 from experiments.studies import runner as study
-from experiments.studies.schema import Table2Study, load_study
+from experiments.studies.schema import Table2Spec, load_study
 from settings.loading import load_run_config
 from tests.support.runs import TINY_CONFIG
 
@@ -157,7 +157,7 @@ def test_ablation_micro_end_to_end_and_resume(corpus, tmp_path, capsys):
 
 
 def test_set_overrides_every_run_and_is_checked():
-    spec = load_study(study.ROOT / "configs" / "study" / "paper_table2_tiny.yaml", Table2Study)
+    spec = load_study(study.ROOT / "configs" / "study" / "paper_table2_tiny.yaml", Table2Spec)
     runs = [vars(r) for r in paper_table2.plan(spec, ["seed=7", "model.n_layer=2"])]
     assert all(r["cfg"].seed == 7 and r["cfg"].model.n_layer == 2 for r in runs)
     with pytest.raises(study.ConfigError, match="unknown key model.n_layers"):
@@ -235,10 +235,10 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
 # -- the typed study config: checked before anything trains ------------------------------------
 
 SCHEMAS = {
-    "paper_table2_tiny": "Table2Study",
-    "paper_table2_paper": "Table2Study",
-    "ablate_dilation_tiny": "AblationStudy",
-    "long_range_tiny": "LongRangeStudy",
+    "paper_table2_tiny": "Table2Spec",
+    "paper_table2_paper": "Table2Spec",
+    "ablate_dilation_tiny": "AblationSpec",
+    "long_range_tiny": "LongRangeSpec",
 }
 
 

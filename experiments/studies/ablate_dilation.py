@@ -31,8 +31,8 @@ import torch
 
 from experiments.bench.measure import timed
 from experiments.studies import runner
-from experiments.studies.runner import Result, Run, Study, checked_run
-from experiments.studies.schema import AblationStudy
+from experiments.studies.runner import FinishedRun, Run, Study, checked_run
+from experiments.studies.schema import AblationSpec
 from models.attention.dilated import dilated_attention, validate_schedule
 from models.attention.sparse import dilated_keys_per_query
 from pipeline import outputs
@@ -59,7 +59,7 @@ def geometric(w0: int, ratio: int, reach: int, drop_largest: int = 0) -> tuple[l
     return w[:keep], r[:keep]
 
 
-def schedules(spec: AblationStudy) -> dict[str, tuple[list, list]]:
+def schedules(spec: AblationSpec) -> dict[str, tuple[list, list]]:
     """Name -> (w, r) for the grid's combinations and the named schedules, checked."""
     out = {}
     grid = spec.grid
@@ -81,7 +81,7 @@ def schedules(spec: AblationStudy) -> dict[str, tuple[list, list]]:
     return out
 
 
-def plan(spec: AblationStudy, extra: list[str] = (), out=None, args=None) -> list[Run]:
+def plan(spec: AblationSpec, extra: list[str] = (), out=None, args=None) -> list[Run]:
     """One run per schedule, the same model, length and tokens (checked)."""
     runs = []
     for name, (w, r) in schedules(spec).items():
@@ -94,7 +94,7 @@ def plan(spec: AblationStudy, extra: list[str] = (), out=None, args=None) -> lis
     return runs
 
 
-def score(spec: AblationStudy, run: Run, run_dir: Path) -> dict:
+def score(spec: AblationSpec, run: Run, run_dir: Path) -> dict:
     ppl = runner.ppl_by_length(run_dir, spec)  # evaluates first: the prompting curve is its
     return {"eval": ppl, "prompting": outputs.prompting(run_dir / "eval")}
 
@@ -113,7 +113,7 @@ def attention_ms_per_1k(w, r, n: int, heads: int, head_dim: int, repeats: int) -
     return 1000 * seconds / (n / 1024)
 
 
-def cost(spec: AblationStudy, run: Run) -> dict:
+def cost(spec: AblationSpec, run: Run) -> dict:
     """What a schedule costs: keys per query (exact) and its attention's time alone."""
     m, w, r = run.cfg.model, run.facts["w"], run.facts["r"]
     return {
@@ -124,14 +124,14 @@ def cost(spec: AblationStudy, run: Run) -> dict:
     }
 
 
-def finish(spec: AblationStudy, results: list[Result], out: Path, args=None) -> dict:
+def finish(spec: AblationSpec, results: list[FinishedRun], out: Path, args=None) -> dict:
     """Costs every schedule (after training: the benchmark wants a quiet process), then the
     table."""
     rows = [r.row(**cost(spec, r.run)) for r in results]
     return report(spec, rows, out)
 
 
-def report(spec: AblationStudy, runs: list[dict], out: Path) -> dict:
+def report(spec: AblationSpec, runs: list[dict], out: Path) -> dict:
     lengths = list(spec.eval.context_lengths)
     longest = lengths[-1]
     ranked = sorted(runs, key=lambda r: runner.finite_or_inf(r["eval"].get(longest)))
@@ -175,7 +175,7 @@ def report(spec: AblationStudy, runs: list[dict], out: Path) -> dict:
 
 STUDY = Study(
     doc=__doc__,
-    schema=AblationStudy,
+    schema=AblationSpec,
     default_config=lambda a: runner.ROOT / "configs" / "study" / "ablate_dilation_tiny.yaml",
     plan=plan,
     score=score,

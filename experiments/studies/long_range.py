@@ -35,8 +35,8 @@ from pathlib import Path
 
 from data.recall import RecallTask
 from experiments.studies import runner
-from experiments.studies.runner import Result, Run, Study, checked_run
-from experiments.studies.schema import LongRangeStudy
+from experiments.studies.runner import FinishedRun, Run, Study, checked_run
+from experiments.studies.schema import LongRangeSpec
 from models.transformer import attended_keys
 from pipeline import outputs
 from pipeline.display import line_plot, markdown_table
@@ -44,7 +44,7 @@ from settings.cli import run_cli
 from settings.loading import ConfigError
 
 
-def plan(spec: LongRangeStudy, extra: list[str] = (), out: Path = Path("."), args=None
+def plan(spec: LongRangeSpec, extra: list[str] = (), out: Path = Path("."), args=None
          ) -> list[Run]:  # fmt: skip
     """The runs to train into ``out``, in order: with a ``curriculum`` in the study, each run's
     short stage (named ``<run>.<length>``, its ``stage`` the run's name; trained at the
@@ -74,7 +74,7 @@ def plan(spec: LongRangeStudy, extra: list[str] = (), out: Path = Path("."), arg
     return runs
 
 
-def recall_run(spec: LongRangeStudy, name: str, argv: list[str], **info) -> Run:
+def recall_run(spec: LongRangeSpec, name: str, argv: list[str], **info) -> Run:
     run = checked_run(name, argv, **info)
     if run.cfg.data.source != "recall":
         raise ConfigError(f"run {name}: the study needs data.source=recall")
@@ -83,7 +83,7 @@ def recall_run(spec: LongRangeStudy, name: str, argv: list[str], **info) -> Run:
     return run
 
 
-def score(spec: LongRangeStudy, run: Run, run_dir: Path) -> dict:
+def score(spec: LongRangeSpec, run: Run, run_dir: Path) -> dict:
     """eval.py's recall path on a trained run (not on a curriculum stage); the last
     validation accuracy of both."""
     scores = {}
@@ -112,11 +112,11 @@ def last(values: dict[int, float]) -> float:
     return values[max(values)] if values else math.nan
 
 
-def out_name(spec: LongRangeStudy, args) -> str:
+def out_name(spec: LongRangeSpec, args) -> str:
     return spec.name + ("_quick" if args.quick else "")
 
 
-def ranking(spec: LongRangeStudy, r: Result, stage: Result | None) -> dict:
+def ranking(spec: LongRangeSpec, r: FinishedRun, stage: FinishedRun | None) -> dict:
     """A run's row facts: its cost, its areas, its stage's numbers added to its own."""
     longest, n = spec.eval.context_lengths[-1], spec.seq_len
     gflop = attention_gflop(r.run.cfg, n)
@@ -132,7 +132,7 @@ def ranking(spec: LongRangeStudy, r: Result, stage: Result | None) -> dict:
     }
 
 
-def finish(spec: LongRangeStudy, results: list[Result], out: Path, args) -> dict:
+def finish(spec: LongRangeSpec, results: list[FinishedRun], out: Path, args) -> dict:
     stages = {r.run.stage: r for r in results if r.run.stage}
     rows = [r.row(**ranking(spec, r, stages.get(r.name))) for r in results if not r.run.stage]
     ranked = sorted(rows, key=lambda r: runner.finite_or_inf(-r["area_per_gflop"]))  # best first
@@ -140,7 +140,7 @@ def finish(spec: LongRangeStudy, results: list[Result], out: Path, args) -> dict
     return report(spec, ranked, list(stages.values()), first, out, out_name(spec, args))
 
 
-def curriculum_text(spec: LongRangeStudy, stages: list[Result]) -> str:
+def curriculum_text(spec: LongRangeSpec, stages: list[FinishedRun]) -> str:
     """How the curriculum stages trained, for the table's caption ('' without any)."""
     if not stages:
         return ""
@@ -150,7 +150,7 @@ def curriculum_text(spec: LongRangeStudy, stages: list[Result]) -> str:
             "whose weights it starts from")  # fmt: skip
 
 
-def report(spec: LongRangeStudy, ranked: list[dict], stages: list[Result], cfg, out: Path,
+def report(spec: LongRangeSpec, ranked: list[dict], stages: list[FinishedRun], cfg, out: Path,
            name: str) -> dict:  # fmt: skip
     lengths, n = list(spec.eval.context_lengths), spec.seq_len
     longest = lengths[-1]
@@ -191,7 +191,7 @@ def options(p) -> None:
 
 STUDY = Study(
     doc=__doc__,
-    schema=LongRangeStudy,
+    schema=LongRangeSpec,
     default_config=lambda a: runner.ROOT / "configs" / "study" / "long_range_tiny.yaml",
     plan=plan,
     score=score,

@@ -24,15 +24,15 @@ import time
 from pathlib import Path
 
 from experiments.studies import runner
-from experiments.studies.runner import Result, Run, Study, checked_run
+from experiments.studies.runner import FinishedRun, Run, Study, checked_run
 from experiments.studies.schema import TABLE2_MODELS as MODELS
-from experiments.studies.schema import Table2Study
+from experiments.studies.schema import Table2Spec
 from models.attention.sparse import match_dilated
 from pipeline.display import line_plot, markdown_table
 from settings.cli import run_cli
 
 
-def plan(spec: Table2Study, extra: list[str] = (), out=None, args=None) -> list[Run]:
+def plan(spec: Table2Spec, extra: list[str] = (), out=None, args=None) -> list[Run]:
     """Every run of a study: name, model, seq_len, batch and its train.py argv (checked)."""
     w, r = list(spec.schedule.segment_lengths), list(spec.schedule.dilation_rates)
     runs = []
@@ -57,11 +57,11 @@ def plan(spec: Table2Study, extra: list[str] = (), out=None, args=None) -> list[
     return runs
 
 
-def score(spec: Table2Study, run: Run, run_dir: Path) -> dict:
+def score(spec: Table2Spec, run: Run, run_dir: Path) -> dict:
     return {"eval": runner.ppl_by_length(run_dir, spec)}
 
 
-def finish(spec: Table2Study, results: list[Result], out: Path, args=None) -> dict:
+def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -> dict:
     lengths = list(spec.eval.context_lengths)
     header = ["model", "training length", "batch", *[f"ppl @{n}" for n in lengths]]
     header += ["train s", "eval s"]
@@ -100,7 +100,7 @@ def options(p) -> None:
 
 STUDY = Study(
     doc=__doc__,
-    schema=Table2Study,
+    schema=Table2Spec,
     default_config=lambda a: runner.ROOT / "configs" / "study" / f"paper_table2_{a.scale}.yaml",
     plan=plan,
     score=score,

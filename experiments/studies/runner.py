@@ -55,7 +55,7 @@ class Run:
 
 
 @dataclass
-class Result:
+class FinishedRun:
     """A run after training and scoring."""
 
     run: Run
@@ -127,7 +127,7 @@ def main(study: Study, argv: list[str] | None = None) -> dict:
     for i, run in enumerate(runs, 1):
         say(f"[{i}/{len(runs)}] {run.name}")
         trained = train_run(out / run.name, run.argv)
-        results.append(Result(run, trained, study.score(spec, run, out / run.name)))
+        results.append(FinishedRun(run, trained, study.score(spec, run, out / run.name)))
     say(f"done in {time.perf_counter() - start:.0f} s (this invocation)")
     return study.finish(spec, results, out, args)
 

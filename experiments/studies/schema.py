@@ -54,7 +54,7 @@ class DilationSchedule:
 
 
 @dataclass
-class Study:
+class StudySpec:
     """What every study names: the runs' shared recipe and how they are evaluated."""
 
     name: str = MISSING  # the study's directory: runs/<name>/
@@ -90,7 +90,7 @@ class PaperTable:
 
 
 @dataclass
-class Table2Study(Study):
+class Table2Spec(StudySpec):
     schedule: DilationSchedule = MISSING  # every LongNet run's; sparse runs are FLOP-matched to it
     runs: list[Table2Run] = MISSING
     paper: PaperTable | None = None  # the paper's numbers, printed below ours
@@ -127,7 +127,7 @@ class StudyBench:
 
 
 @dataclass
-class AblationStudy(Study):
+class AblationSpec(StudySpec):
     model: str = MISSING  # the model YAML every schedule trains
     seq_len: int = MISSING  # the training length
     grid: Grid | None = None
@@ -159,7 +159,7 @@ class Quick:
 
 
 @dataclass
-class LongRangeStudy(Study):
+class LongRangeSpec(StudySpec):
     model: str = MISSING  # the model YAML under every run
     seq_len: int = MISSING  # the training length
     runs: dict[str, list[str]] = MISSING  # name -> train.py overrides on top of `train`
@@ -176,7 +176,7 @@ class LongRangeStudy(Study):
                 raise ValueError(f"quick.runs names {name!r}, not one of {list(self.runs)}")
 
 
-def load_study(path: str | Path, schema: type[Study]) -> Study:
+def load_study(path: str | Path, schema: type[StudySpec]) -> StudySpec:
     """A study YAML as its ``schema``, every key, type and value checked."""
     origin = f"study config {str(path)!r}"
     try:
