@@ -26,6 +26,8 @@ class DataConfig:
     val_fraction: float = 0.05  # of documents, assigned by a hash of the document's name
     test_fraction: float = 0.05  # of documents, likewise
     seed: int = 1234  # order of training windows
+    copy_fraction: float = 0.0  # training windows replaced by a random sequence repeated
+    copy_alphabet: int = 512  # copy: drawn from this many most frequent train tokens
     recall_keys: int = 128  # recall: distinct keys (a sequence uses each at most once)
     recall_values: int = 64  # recall: distinct values
     recall_filler: int = 16  # recall: filler tokens (the noise between records and queries)
@@ -49,6 +51,21 @@ class DataConfig:
             or (self.num_workers < 0)
         ):
             raise ValueError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not 0.0 <= self.copy_fraction <= 1.0:
+            raise ValueError(f"data.copy_fraction must be in [0, 1], got {self.copy_fraction!r}")
+        if (
+            isinstance(self.copy_alphabet, bool)
+            or not isinstance(self.copy_alphabet, int)
+            or (self.copy_alphabet < 2)
+        ):
+            raise ValueError(
+                f"data.copy_alphabet must be an integer >= 2, got {self.copy_alphabet!r}"
+            )
+        if self.source == "recall" and self.copy_fraction > 0:
+            raise ValueError(
+                "data.copy_fraction applies to text sources (stdlib_code, text_dir, hf); "
+                f"data.source='recall' got {self.copy_fraction}"
+            )
         if self.source == "recall":
             from data.recall import check_recall_task
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.config import DataConfig
+from data.copying import CopyMix, frequent_tokens
 from data.corpus import Corpus, prepare
 from data.recall import RecallSet, RecallStream, RecallTask
 from data.windows import DocumentWindows, PackedWindows
@@ -83,7 +84,20 @@ class LongContextDataModule(L.LightningDataModule):
             rank,
             world_size,
             skip_batches=self.batches_consumed,
+            copy=self.copy_mix(),
         )
+
+    def copy_mix(self) -> CopyMix | None:
+        """The repeated-sequence windows of ``data.copy_fraction`` (None when 0), drawn from
+        the train split's most frequent tokens (data/copying.py)."""
+        cfg = self.config
+        if cfg.copy_fraction == 0.0:
+            return None
+        self.setup()
+        split = self.corpus.split("train")
+        alphabet = frequent_tokens(split.tokens, self.corpus.vocab_size, cfg.copy_alphabet,
+                                   exclude=self.corpus.eod)  # fmt: skip
+        return CopyMix(cfg.copy_fraction, alphabet, cfg.seq_len, cfg.seed)
 
     def _loader(self, dataset, sampler=None) -> DataLoader:
         # A loader draws its workers' base seed from its generator when an iterator starts; a

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from data.copying import CopyMix
 from data.corpus import Split
 
 
@@ -27,6 +28,8 @@ class PackedWindows(IterableDataset):
 
     ``skip_batches``: batches this rank's loader already delivered (resume point);
     ``batch_size`` and ``num_workers`` must be those of the DataLoader that iterates it.
+    ``copy``: replaces a fraction of the windows by repeated random sequences
+    (data/copying.py); which ones depends on (seed, epoch, index) only, so resume stays exact.
     """
 
     def __init__(
@@ -39,7 +42,9 @@ class PackedWindows(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         skip_batches: int = 0,
+        copy: CopyMix | None = None,
     ):
+        self.copy = copy
         self.split, self.tokens, self.seq_len, self.seed = split, split.tokens, seq_len, seed
         self.n_windows = (len(split.tokens) - 1) // seq_len
         if self.n_windows < 1:
@@ -63,14 +68,21 @@ class PackedWindows(IterableDataset):
         per_shard = self.n_windows // self.n_shards // self.batch_size * self.batch_size
         return order[shard :: self.n_shards][:per_shard]
 
-    def window(self, i: int) -> dict:
-        """Window i, with the document its first token belongs to and the offset there."""
+    def window(self, i: int, epoch: int = 0) -> dict:
+        """Window i of ``epoch``, with the document its first token belongs to and the offset
+        there (of the natural window it replaces, when it is a repeated sequence)."""
         start = int(i) * self.seq_len
-        chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         doc, offset = self.split.document_at(start)
+        replaced = self.copy.window(epoch, i) if self.copy is not None else None
+        if replaced is not None:
+            inputs, labels = replaced
+        else:
+            chunk = self.tokens[start : start + self.seq_len + 1].astype(np.int64)
+            chunk = torch.from_numpy(chunk)
+            inputs, labels = chunk[:-1], chunk[1:]
         return {
-            "input_ids": chunk[:-1],
-            "labels": chunk[1:],
+            "input_ids": inputs,
+            "labels": labels,
             "index": int(i),
             "doc": doc,
             "offset": offset,
@@ -92,7 +104,7 @@ class PackedWindows(IterableDataset):
         while True:
             indices = self.shard_indices(shard, epoch)
             for i in indices[pos:]:
-                yield self.window(i)
+                yield self.window(i, epoch)
             epoch, pos = epoch + 1, 0
 
 
