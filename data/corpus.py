@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.cache_files import damage, file_lock, write_manifest
 from data.config import DataConfig
-from data.sources import documents
+from data.sources import DataError, documents
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,16 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"tokenizer file {str(path)!r} does not exist")
-    tok = Tokenizer.from_file(str(path))
+        raise DataError(f"data.tokenizer_path={str(path)!r} does not exist")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises a bare Exception
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"data.tokenizer_path={str(path)!r} is not a tokenizer.json ({first})"
+        ) from err
     if tok.token_to_id(EOD) is None:
-        raise ValueError(f"tokenizer {str(path)!r} has no {EOD!r} token")
+        raise DataError(f"data.tokenizer_path={str(path)!r}: the tokenizer has no {EOD!r} token")
     return tok
 
 
@@ -203,12 +209,12 @@ def _build(cfg: DataConfig, docs, directory: Path) -> None:
         )
         (tmp / f"{s}.names.json").write_text(json.dumps(index[s]["names"]))
     if not any(index[s]["lengths"] and max(index[s]["lengths"]) for s in SPLITS):
-        raise ValueError(
+        raise DataError(
             f"the corpus of data.source={cfg.source!r} has no document with any text "
             f"(is it empty? data.path={cfg.path!r})"
         )
     if offsets["train"] == 0 and not cfg.tokenizer_path:
-        raise ValueError(
+        raise DataError(
             f"the corpus of data.source={cfg.source!r} has no training document to train a "
             f"tokenizer on (data.path={cfg.path!r}); give data.tokenizer_path"
         )

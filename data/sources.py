@@ -34,6 +34,15 @@ SOURCES = get_args(Source)
 STDLIB_EXCLUDED = ("site-packages", "encodings", "pydoc_data", "__pycache__")
 
 
+class DataError(ValueError):
+    """The data a run was given cannot be read as asked (a missing directory, a glob that
+    matches nothing, a dataset out of reach, a missing text field, an empty corpus, a file that
+    is not a tokenizer): the user's input, like a bad config value, so train.py and eval.py
+    end with its one-line message and exit status 2 (settings/cli.py), not a traceback."""
+
+    exit_status = 2
+
+
 # ----------------------------------------------------------------------------------------------
 # reading text files robustly
 
@@ -110,10 +119,14 @@ def text_files(path: str | os.PathLike, pattern: str) -> list[Path]:
     """The files a text_dir source reads; raises naming the path or the pattern if none."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ValueError(f"data.path={str(path)!r} is not a directory")
-    files = sorted(p for p in root.glob(pattern) if p.is_file())
+        raise DataError(f"data.path={str(path)!r} is not a directory")
+    try:
+        files = sorted(p for p in root.glob(pattern) if p.is_file())
+    except (OSError, ValueError) as err:  # an unreadable directory, a malformed pattern
+        raise DataError(f"cannot list data.glob={pattern!r} under data.path={str(root)!r}: "
+                        f"{err}") from err  # fmt: skip
     if not files:
-        raise ValueError(f"data.glob={pattern!r} matches no file under data.path={str(root)!r}")
+        raise DataError(f"data.glob={pattern!r} matches no file under data.path={str(root)!r}")
     return files
 
 
@@ -145,10 +158,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _hf_documents(name, config, split, text_field) -> Iterator[dict]:
-    ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as err:
+        raise DataError(f"data.hf_name={name!r} (config {config!r}, split {split!r}) cannot "
+                        f"be loaded: {err}") from err  # fmt: skip
     for i, row in enumerate(ds):
         if text_field not in row:
-            raise ValueError(
+            raise DataError(
                 f"data.hf_text_field={text_field!r} is not a field of {name}: "
                 f"fields are {sorted(row)}"
             )
@@ -181,9 +198,9 @@ def documents(cfg) -> tuple[datasets.IterableDataset, str]:
         return gen, f"dir-{h.hexdigest()[:16]}"
     if cfg.source == "hf":
         if not cfg.hf_name:
-            raise ValueError("data.source='hf' needs data.hf_name (a Hugging Face dataset name)")
+            raise DataError("data.source='hf' needs data.hf_name (a Hugging Face dataset name)")
         if not hub_reachable():
-            raise ConnectionError(
+            raise DataError(
                 f"data.source='hf' ({cfg.hf_name}) needs the Hugging Face hub, which is not "
                 "reachable (offline, HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1). Use "
                 "data.source=stdlib_code or data.source=text_dir data.path=DIR"

@@ -12,7 +12,7 @@ import torch
 from data.config import DataConfig
 from data.corpus import EOD, prepare, split_of
 from data.datamodule import LongContextDataModule
-from data.sources import read_text, stdlib_root, stdlib_units
+from data.sources import DataError, read_text, stdlib_root, stdlib_units
 from data.windows import DocumentWindows, PackedWindows
 from tests.support.corpus import write_corpus
 
@@ -189,12 +189,12 @@ def test_unreadable_file_is_skipped_with_its_name(tmp_path, caplog, monkeypatch)
 @pytest.mark.parametrize(
     "overrides,error,message",
     [
-        (dict(path="/nonexistent/dir"), ValueError, "is not a directory"),
-        (dict(glob="*.md"), ValueError, r"data.glob='\*.md' matches no file"),
+        (dict(path="/nonexistent/dir"), DataError, "is not a directory"),
+        (dict(glob="*.md"), DataError, r"data.glob='\*.md' matches no file"),
         (dict(source="s3"), ValueError, "is not one of"),
         (dict(seq_len=0), ValueError, "seq_len must be a positive integer"),
         (dict(val_fraction=0.6, test_fraction=0.5), ValueError, "must leave documents"),
-        (dict(tokenizer_path="/nonexistent/tok.json"), ValueError, "does not exist"),
+        (dict(tokenizer_path="/nonexistent/tok.json"), DataError, "does not exist"),
     ],
 )
 def test_bad_input_is_named(tmp_path, overrides, error, message):
@@ -214,7 +214,7 @@ def test_hf_source_fails_fast_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("dialled"))
-    with pytest.raises(ConnectionError, match="not reachable"):
+    with pytest.raises(DataError, match="not reachable"):
         prepare(config(tmp_path, source="hf", hf_name="bigcode/the-stack"))
 
 
