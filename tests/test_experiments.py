@@ -53,31 +53,47 @@ def test_model_cost_micro(tmp_path, capsys):
     assert "| longnet_tiny | dilated |" in capsys.readouterr().out
 
 
-def test_context_parallel_micro(tmp_path, capsys):
-    """Two worlds, one size: the bytes counted at the collectives are the formula's."""
+@pytest.mark.parametrize(
+    "worlds", [[2], pytest.param([1, 2], marks=pytest.mark.slow)], ids=["P2", "P1-P2"]
+)
+def test_context_parallel_micro(tmp_path, capsys, worlds):
+    """One size (and one world in the fast suite: each world is a process launch): the bytes
+    counted at the collectives are the formula's, and one process moves none."""
     from experiments.bench import context_parallel as bench
 
-    bench.main(["--worlds", "1", "2", "--sizes", "4096", "--repeats", "1", "--out", str(tmp_path)])
+    argv = ["--sizes", "4096", "--repeats", "1", "--out", str(tmp_path)]
+    bench.main(["--worlds", *map(str, worlds), *argv])
     rows = rows_of(tmp_path / "context_parallel.json")
-    assert [(r["P"], r["n"]) for r in rows] == [(1, 4096), (2, 4096)]
-    assert rows[0]["fwd_received"] == 0
-    assert rows[1]["fwd_received"] == bench.formula_received(4096, 2) * 4  # fp32 bytes
-    assert rows[1]["fwdbwd_sent"] + rows[1]["fwdbwd_received"] > rows[1]["fwd_received"]
+    assert [(r["P"], r["n"]) for r in rows] == [(w, 4096) for w in worlds]
+    for r in rows:
+        assert r["fwd_received"] == bench.formula_received(4096, r["P"]) * 4  # fp32 bytes
+        if r["P"] == 1:
+            assert r["fwd_received"] == 0
+        else:
+            assert r["fwdbwd_sent"] + r["fwdbwd_received"] > r["fwd_received"]
     out = capsys.readouterr().out
     assert "| 2 | 4K |" in out and "projection, 1B tokens" in out
     assert (tmp_path / "context_parallel.png").exists()
 
 
-def test_long_sequence_micro(tmp_path, capsys):
-    """Each (N, mode) in its own process: the memory savers lower the peak per token."""
+@pytest.mark.parametrize(
+    "modes",
+    [["plain", "saving"], pytest.param(["plain", "chunked", "saving", "sublayer"],
+                                       marks=pytest.mark.slow)],
+    ids=["plain-saving", "all"],
+)  # fmt: skip
+def test_long_sequence_micro(tmp_path, capsys, modes):
+    """Each (N, mode) in its own process (a launch each: two modes in the fast suite; the
+    modes' losses and memory are also compared in-process by tests/test_memory.py): the
+    memory savers lower the peak per token and leave the loss as it is."""
     from experiments.bench import long_sequence
 
     long_sequence.main(["--lengths", "2048", "--chunk", "512", "--out", str(tmp_path),
-                        "--repeats", "1"])  # fmt: skip
+                        "--repeats", "1", "--modes", *modes])  # fmt: skip
     rows = {r["mode"]: r for r in rows_of(tmp_path / "longseq.json")}
-    assert all(r["status"] == "ok" for r in rows.values())
+    assert list(rows) == modes and all(r["status"] == "ok" for r in rows.values())
     assert rows["saving"]["peak_mib"] < rows["plain"]["peak_mib"]
-    for mode in ("chunked", "saving", "sublayer"):
+    for mode in modes[1:]:
         assert rows[mode]["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5)
     out = capsys.readouterr().out
     assert "| 2K | saving | ok |" in out and "| longnet_2_7b |" in out
