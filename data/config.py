@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass, fields
 from data.sources import SOURCES, Source
 
 
+def _is_int(value) -> bool:
+    """An int and not a bool (YAML's ``true`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class DataConfig:
     source: Source = "stdlib_code"  # the documents: Python's stdlib, a directory, or the hub
@@ -37,27 +42,31 @@ class DataConfig:
     recall_eval_sequences: int = 256  # recall: held-out sequences per validation / test set
 
     def __post_init__(self):
+        # in this order: a config with several faults reports the first of them
+        self._check_source()
+        self._check_counts()
+        self._check_copy()
+        self._check_vocab()
+        self._check_fractions()
+
+    def _check_source(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"data.source={self.source!r} is not one of {SOURCES}")
         if self.source == "text_dir" and not self.path:
             raise ValueError("data.source='text_dir' needs data.path (a directory of text files)")
+
+    def _check_counts(self) -> None:
         for name in ("seq_len", "batch_size", "vocab_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
-        if (
-            isinstance(self.num_workers, bool)
-            or not isinstance(self.num_workers, int)
-            or (self.num_workers < 0)
-        ):
+        if not _is_int(self.num_workers) or self.num_workers < 0:
             raise ValueError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
+
+    def _check_copy(self) -> None:
         if not 0.0 <= self.copy_fraction <= 1.0:
             raise ValueError(f"data.copy_fraction must be in [0, 1], got {self.copy_fraction!r}")
-        if (
-            isinstance(self.copy_alphabet, bool)
-            or not isinstance(self.copy_alphabet, int)
-            or (self.copy_alphabet < 2)
-        ):
+        if not _is_int(self.copy_alphabet) or self.copy_alphabet < 2:
             raise ValueError(
                 f"data.copy_alphabet must be an integer >= 2, got {self.copy_alphabet!r}"
             )
@@ -66,6 +75,10 @@ class DataConfig:
                 "data.copy_fraction applies to text sources (stdlib_code, text_dir, hf); "
                 f"data.source='recall' got {self.copy_fraction}"
             )
+
+    def _check_vocab(self) -> None:
+        """A recall task checks its own token space (data/recall.py); a text source's
+        byte-level BPE needs every byte and the end of document."""
         if self.source == "recall":
             from data.recall import check_recall_task
 
@@ -75,6 +88,8 @@ class DataConfig:
                 f"data.vocab_size must be at least 257 (bytes + end of document), "
                 f"got {self.vocab_size}"
             )
+
+    def _check_fractions(self) -> None:
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -164,67 +164,100 @@ def prepare(cfg: DataConfig) -> Corpus:
     return Corpus(directory)
 
 
-def _build(cfg: DataConfig, docs, directory: Path) -> None:
-    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    split = lambda row: split_of(row["name"], cfg.val_fraction, cfg.test_fraction)  # noqa: E731
+class _SplitWriter:
+    """Appends encoded documents to each split's flat token file (every document followed by
+    EOD) and records where each starts, how long it is and its name."""
+
+    def __init__(self, directory: Path, dtype: type, eod: int):
+        self.dir, self.dtype, self.eod = directory, dtype, eod
+        self.files = {s: open(directory / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
+        self.index = {s: {"starts": [], "lengths": [], "names": []} for s in SPLITS}
+        self.offsets = dict.fromkeys(SPLITS, 0)
+
+    def add(self, split: str, name: str, ids: list[int]) -> None:
+        self.files[split].write(np.asarray([*ids, self.eod], dtype=self.dtype).tobytes())
+        self.index[split]["starts"].append(self.offsets[split])
+        self.index[split]["lengths"].append(len(ids))
+        self.index[split]["names"].append(name)
+        self.offsets[split] += len(ids) + 1
+
+    def close(self) -> None:
+        """Closes the token files and writes each split's index and names beside them."""
+        for s in SPLITS:
+            self.files[s].close()
+            np.savez(
+                self.dir / f"{s}.index.npz",
+                starts=np.asarray(self.index[s]["starts"], dtype=np.int64),
+                lengths=np.asarray(self.index[s]["lengths"], dtype=np.int64),
+            )
+            (self.dir / f"{s}.names.json").write_text(json.dumps(self.index[s]["names"]))
+
+
+def _tokenizer_for(cfg: DataConfig, docs, split) -> Tokenizer:
+    """The tokenizer at ``data.tokenizer_path``, or one trained on the train split's texts."""
     if cfg.tokenizer_path:
-        tok = load_tokenizer(cfg.tokenizer_path)
-    else:
-        log.info("training a %d-token byte-level BPE on the train split", cfg.vocab_size)
-        tok = train_tokenizer(
-            (row["text"] for row in docs if split(row) == "train"), cfg.vocab_size
-        )
-    tok.save(str(tmp / "tokenizer.json"))
-    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
-    eod = tok.token_to_id(EOD)
-    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
-    index = {s: {"starts": [], "lengths": [], "names": []} for s in SPLITS}
-    offsets = dict.fromkeys(SPLITS, 0)
-    batch: list[dict] = []
+        return load_tokenizer(cfg.tokenizer_path)
+    log.info("training a %d-token byte-level BPE on the train split", cfg.vocab_size)
+    return train_tokenizer((row["text"] for row in docs if split(row) == "train"), cfg.vocab_size)
+
+
+def _write_documents(docs, tok: Tokenizer, split, writer: _SplitWriter, batch: int = 64) -> None:
+    """Every document, encoded ``batch`` at a time (``encode_batch`` runs them in parallel),
+    into its split."""
+    rows: list[dict] = []
 
     def flush():
-        encoded = tok.encode_batch([row["text"] for row in batch])
-        for row, enc in zip(batch, encoded, strict=True):
-            s, ids = split(row), enc.ids
-            files[s].write(np.asarray([*ids, eod], dtype=dtype).tobytes())
-            index[s]["starts"].append(offsets[s])
-            index[s]["lengths"].append(len(ids))
-            index[s]["names"].append(row["name"])
-            offsets[s] += len(ids) + 1
-        batch.clear()
+        encoded = tok.encode_batch([row["text"] for row in rows])
+        for row, enc in zip(rows, encoded, strict=True):
+            writer.add(split(row), row["name"], enc.ids)
+        rows.clear()
 
     for row in docs:
-        batch.append(row)
-        if len(batch) == 64:
+        rows.append(row)
+        if len(rows) == batch:
             flush()
     flush()
-    for s in SPLITS:
-        files[s].close()
-        np.savez(
-            tmp / f"{s}.index.npz",
-            starts=np.asarray(index[s]["starts"], dtype=np.int64),
-            lengths=np.asarray(index[s]["lengths"], dtype=np.int64),
-        )
-        (tmp / f"{s}.names.json").write_text(json.dumps(index[s]["names"]))
-    if not any(index[s]["lengths"] and max(index[s]["lengths"]) for s in SPLITS):
+
+
+def _check_not_empty(cfg: DataConfig, writer: _SplitWriter) -> None:
+    """Raises DataError if no document has any text, or none is left to train a tokenizer on."""
+    if not any(writer.index[s]["lengths"] and max(writer.index[s]["lengths"]) for s in SPLITS):
         raise DataError(
             f"the corpus of data.source={cfg.source!r} has no document with any text "
             f"(is it empty? data.path={cfg.path!r})"
         )
-    if offsets["train"] == 0 and not cfg.tokenizer_path:
+    if writer.offsets["train"] == 0 and not cfg.tokenizer_path:
         raise DataError(
             f"the corpus of data.source={cfg.source!r} has no training document to train a "
             f"tokenizer on (data.path={cfg.path!r}); give data.tokenizer_path"
         )
+
+
+def _write_meta(directory: Path, cfg: DataConfig, tok: Tokenizer, writer: _SplitWriter) -> None:
     meta = {
-        "dtype": np.dtype(dtype).name,
+        "dtype": np.dtype(writer.dtype).name,
         "vocab_size": tok.get_vocab_size(),
-        "documents": {s: len(index[s]["names"]) for s in SPLITS},
-        "tokens": offsets,
+        "documents": {s: len(writer.index[s]["names"]) for s in SPLITS},
+        "tokens": writer.offsets,
         "config": cfg.to_dict(),
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _build(cfg: DataConfig, docs, directory: Path) -> None:
+    """Builds the cache in a fresh sibling folder and renames it into place once complete, so
+    a reader never sees half a cache (a killed build leaves only a ``.tmp*`` folder)."""
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    split = lambda row: split_of(row["name"], cfg.val_fraction, cfg.test_fraction)  # noqa: E731
+    tok = _tokenizer_for(cfg, docs, split)
+    tok.save(str(tmp / "tokenizer.json"))
+    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
+    writer = _SplitWriter(tmp, dtype, tok.token_to_id(EOD))
+    _write_documents(docs, tok, split, writer)
+    writer.close()
+    _check_not_empty(cfg, writer)
+    _write_meta(tmp, cfg, tok, writer)
     write_manifest(tmp)
     tmp.rename(directory)

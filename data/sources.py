@@ -180,40 +180,54 @@ def documents(cfg) -> tuple[datasets.IterableDataset, str]:
     """A streaming dataset of ``{"name", "text"}`` for ``cfg.source``, and a fingerprint of
     the source's content or identity (for cache keys). Checks its input where it enters."""
     if cfg.source == "stdlib_code":
-        units = [(name, [str(f) for f in files]) for name, files in stdlib_units(stdlib_root())]
-        gen = datasets.IterableDataset.from_generator(
-            _stdlib_documents, gen_kwargs={"units": units}
-        )
-        return gen, f"stdlib-{stdlib_fingerprint()}"
+        return _stdlib_source()
     if cfg.source == "text_dir":
-        files = text_files(cfg.path, cfg.glob)
-        h = hashlib.sha256()
-        for f in files:
-            st = f.stat()
-            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-        gen = datasets.IterableDataset.from_generator(
-            _text_documents,
-            gen_kwargs={"files": [str(f) for f in files], "root": str(Path(cfg.path))},
-        )
-        return gen, f"dir-{h.hexdigest()[:16]}"
+        return _text_dir_source(cfg)
     if cfg.source == "hf":
-        if not cfg.hf_name:
-            raise DataError("data.source='hf' needs data.hf_name (a Hugging Face dataset name)")
-        if not hub_reachable():
-            raise DataError(
-                f"data.source='hf' ({cfg.hf_name}) needs the Hugging Face hub, which is not "
-                "reachable (offline, HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1). Use "
-                "data.source=stdlib_code or data.source=text_dir data.path=DIR"
-            )
-        gen = datasets.IterableDataset.from_generator(
-            _hf_documents,
-            gen_kwargs={
-                "name": cfg.hf_name,
-                "config": cfg.hf_config,
-                "split": cfg.hf_split,
-                "text_field": cfg.hf_text_field,
-            },
-        )
-        key = f"{cfg.hf_name}:{cfg.hf_config}:{cfg.hf_split}:{cfg.hf_text_field}"
-        return gen, "hf-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return _hf_source(cfg)
     raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}")
+
+
+def _stdlib_source() -> tuple[datasets.IterableDataset, str]:
+    units = [(name, [str(f) for f in files]) for name, files in stdlib_units(stdlib_root())]
+    gen = datasets.IterableDataset.from_generator(_stdlib_documents, gen_kwargs={"units": units})
+    return gen, f"stdlib-{stdlib_fingerprint()}"
+
+
+def _text_dir_source(cfg) -> tuple[datasets.IterableDataset, str]:
+    """The files' paths, sizes and modification times make the fingerprint (hashing every
+    file's content would read the whole corpus on every run)."""
+    files = text_files(cfg.path, cfg.glob)
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    gen = datasets.IterableDataset.from_generator(
+        _text_documents,
+        gen_kwargs={"files": [str(f) for f in files], "root": str(Path(cfg.path))},
+    )
+    return gen, f"dir-{h.hexdigest()[:16]}"
+
+
+def _hf_source(cfg) -> tuple[datasets.IterableDataset, str]:
+    """Fails now, naming the setting, if there is no dataset name or no hub to ask; the
+    dataset's identity (name, config, split, field) makes the fingerprint."""
+    if not cfg.hf_name:
+        raise DataError("data.source='hf' needs data.hf_name (a Hugging Face dataset name)")
+    if not hub_reachable():
+        raise DataError(
+            f"data.source='hf' ({cfg.hf_name}) needs the Hugging Face hub, which is not "
+            "reachable (offline, HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1). Use "
+            "data.source=stdlib_code or data.source=text_dir data.path=DIR"
+        )
+    gen = datasets.IterableDataset.from_generator(
+        _hf_documents,
+        gen_kwargs={
+            "name": cfg.hf_name,
+            "config": cfg.hf_config,
+            "split": cfg.hf_split,
+            "text_field": cfg.hf_text_field,
+        },
+    )
+    key = f"{cfg.hf_name}:{cfg.hf_config}:{cfg.hf_split}:{cfg.hf_text_field}"
+    return gen, "hf-" + hashlib.sha256(key.encode()).hexdigest()[:16]

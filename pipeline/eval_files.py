@@ -45,6 +45,21 @@ def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path)
     """Everything into a fresh directory first, then moved into out_dir in one go."""
     tmp = staging(out_dir)
     corpus = f"{cfg.data.source or 'own corpus'}, {' / '.join(sorted(set(split_names)))} split"
+    cap = cfg.max_tokens_per_document
+    title = f"{corpus}; {sc.POLICY}" + (f"; first {cap} tokens of each" if cap else "")
+    _write_ppl(tmp, results, corpus)
+    _write_tables(tmp, results, cfg, split_names)
+    _write_plots(tmp, results, cfg, corpus, title)
+    _move(tmp, out_dir)
+    print(table(results, lengths, title))
+    if any(r.span for r in results):
+        print(span_table(results))
+    print(f"wrote {out_dir}/ppl_vs_context.{{csv,json,png}}, prompting.{{csv,png}}, "
+          "positions.csv, documents.csv, repeated_span.{csv,png}")  # fmt: skip
+
+
+def _write_ppl(tmp: Path, results, corpus: str) -> None:
+    """ppl_vs_context.{csv,json}: one row per (model, context length)."""
     rows = [
         {
             "model": r.label,
@@ -61,6 +76,10 @@ def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path)
     (tmp / "ppl_vs_context.json").write_text(
         json.dumps({"method": sc.POLICY, "corpus": corpus, "rows": rows}, indent=1)
     )
+
+
+def _write_tables(tmp: Path, results, cfg: EvalConfig, split_names) -> None:
+    """documents.csv, prompting.csv, positions.csv and repeated_span.csv."""
     _csv(tmp / "documents.csv", [
         {"model": r.label, "split": s, "document": d}
         for r, s in zip(results, split_names, strict=True) for d in r.documents
@@ -76,25 +95,21 @@ def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path)
     _csv(tmp / "repeated_span.csv", [
         {"model": r.label, **row} for r in results for row in r.span
     ])  # fmt: skip
+
+
+def _write_plots(tmp: Path, results, cfg: EvalConfig, corpus: str, title: str) -> None:
+    """repeated_span.png, ppl_vs_context.png and prompting.png."""
     line_plot(tmp / "repeated_span.png",
               {r.label: {row["distance"]: row["drop"] for row in r.span} for r in results},
               "distance of the earlier copy (tokens)", "NLL drop on the repeated span (nats)",
               f"repeated-span probe: {cfg.span_length}-token spans, {corpus}",
               fontsize=7)  # fmt: skip
-    cap = cfg.max_tokens_per_document
-    title = f"{corpus}; {sc.POLICY}" + (f"; first {cap} tokens of each" if cap else "")
     ppl_curves = {r.label: {n: a.ppl for n, a in r.lengths.items()} for r in results}
     line_plot(tmp / "ppl_vs_context.png", ppl_curves, "context length (tokens)", "perplexity",
               title, fontsize=7)  # fmt: skip
     line_plot(tmp / "prompting.png", {r.label: r.prompting for r in results},
               "prompt length (tokens)", f"mean NLL of the final {cfg.suffix} tokens", corpus,
               fontsize=7)  # fmt: skip
-    _move(tmp, out_dir)
-    print(table(results, lengths, title))
-    if any(r.span for r in results):
-        print(span_table(results))
-    print(f"wrote {out_dir}/ppl_vs_context.{{csv,json,png}}, prompting.{{csv,png}}, "
-          "positions.csv, documents.csv, repeated_span.{csv,png}")  # fmt: skip
 
 
 def span_table(results) -> str:

@@ -51,6 +51,27 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
     group, device = context_group(cfg.context_parallel, device)
+    models = _load_models(cfg, group, device)
+    first = group is None or dist.get_rank(group) == 0  # the one that reports and writes
+    if first:
+        for model in models:
+            recall_probe.say_reach(model.name, model.net.config, lengths[-1])
+    if _recall_only(models, group, cfg):
+        return evaluate_recall(models, lengths, cfg, device)
+    names = [split_for(m, cfg.split) for m in models]
+    splits = [sc.corpus_split(m, s) for m, s in zip(models, names, strict=True)]
+    docs = [sc.check_lengths(s, lengths, n) for s, n in zip(splits, names, strict=True)]
+    if cfg.max_documents is not None:  # all checks done before any work
+        docs = [dd[: cfg.max_documents] for dd in docs]
+    results = _score_all(models, splits, docs, names, lengths, cfg, device, first)
+    if first:
+        write_outputs(results, lengths, cfg, names, Path(cfg.out_dir))
+    return results
+
+
+def _load_models(cfg: EvalConfig, group, device) -> list[sc.Model]:
+    """Every checkpoint, checked against cfg.data, set to score in ``group`` (context
+    parallel: dilated attention only) with cfg.loss_chunk."""
     overrides = {k: getattr(cfg.data, k) for k in cfg.data.__dataclass_fields__}
     models = [sc.load_checked(p, overrides, cfg.dense_blockwise, device) for p in cfg.checkpoints]
     for model in models:
@@ -60,24 +81,24 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
                 f"only; {model.name} has attention={model.net.config.attention!r}"
             )
         model.group, model.loss_chunk = group, cfg.loss_chunk
-    first = group is None or dist.get_rank(group) == 0  # the one that reports and writes
-    if first:
-        for model in models:
-            recall_probe.say_reach(model.name, model.net.config, lengths[-1])
+    return models
+
+
+def _recall_only(models: list[sc.Model], group, cfg: EvalConfig) -> bool:
+    """Whether the checkpoints are recall tasks; raises if recall and language models are
+    mixed, or recall ones are split across processes."""
     recall = [m.data.source == "recall" for m in models]
-    if any(recall):
-        if not all(recall) or group is not None:
-            raise ConfigError(
-                "recall checkpoints are scored by answer accuracy, one process, on their own: "
-                f"got {[m.name for m, r in zip(models, recall, strict=True) if not r]} "
-                f"(language models) with them, context_parallel={cfg.context_parallel}"
-            )
-        return evaluate_recall(models, lengths, cfg, device)
-    names = [split_for(m, cfg.split) for m in models]
-    splits = [sc.corpus_split(m, s) for m, s in zip(models, names, strict=True)]
-    docs = [sc.check_lengths(s, lengths, n) for s, n in zip(splits, names, strict=True)]
-    if cfg.max_documents is not None:  # all checks done before any work
-        docs = [dd[: cfg.max_documents] for dd in docs]
+    if any(recall) and (not all(recall) or group is not None):
+        raise ConfigError(
+            "recall checkpoints are scored by answer accuracy, one process, on their own: "
+            f"got {[m.name for m, r in zip(models, recall, strict=True) if not r]} "
+            f"(language models) with them, context_parallel={cfg.context_parallel}"
+        )
+    return any(recall)
+
+
+def _score_all(models, splits, docs, names, lengths, cfg: EvalConfig, device, first: bool):
+    """One Result per model: its documents ``docs`` of split ``splits`` (named ``names``)."""
     prompts = [p for p in lengths if p >= cfg.suffix]
     results = []
     for model, split, dd, name in zip(models, splits, docs, names, strict=True):
@@ -88,8 +109,6 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
         results.append(
             score_model(model, split, dd, scored, lengths, prompts, cfg, device, quiet=not first)
         )
-    if first:
-        write_outputs(results, lengths, cfg, names, Path(cfg.out_dir))
     return results
 
 
