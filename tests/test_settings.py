@@ -12,7 +12,7 @@ from settings.loading import ConfigError, load_eval_config, load_run_config, spl
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_YAMLS = sorted(
-    p for d in ("model", "experiment", "debug") for p in (ROOT / "configs" / d).glob("*.yaml")
+    p for d in ("model", "experiment", "debug", "recipe") for p in (ROOT / "configs" / d).glob("*.yaml")
 )
 
 
@@ -48,7 +48,7 @@ def test_print_config_shows_the_resolved_command_line(capsys):
     assert run_cli(lambda a: pytest.fail("ran"), argv, load=load_run_config) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["attention"] == "dense" and printed["run_dir"] == "runs/demo"
-    assert printed["trainer"]["max_steps"] == 300 and printed["optim"]["warmup_steps"] == 10
+    assert printed["trainer"]["max_steps"] == 200 and printed["optim"]["warmup_steps"] == 20
     argv = ["checkpoints=[a.ckpt]", "context_lengths=[64]", "--print-config"]
     assert run_cli(lambda a: pytest.fail("ran"), argv, load=load_eval_config) == 0
     assert yaml.safe_load(capsys.readouterr().out)["split"] == "auto"
