@@ -12,7 +12,9 @@ from settings.loading import ConfigError, load_eval_config, load_run_config, spl
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_YAMLS = sorted(
-    p for d in ("model", "experiment", "debug", "recipe") for p in (ROOT / "configs" / d).glob("*.yaml")
+    p
+    for d in ("model", "experiment", "debug", "recipe")
+    for p in (ROOT / "configs" / d).glob("*.yaml")
 )
 
 
