@@ -158,6 +158,39 @@ def build(args, vocab_size: int) -> TransformerLM:
     return TransformerLM(cfg)
 
 
+def restore(out: Path, net, opt, load: str | None) -> tuple[int, int, float]:
+    """(step, tokens, seconds) of the run saved in ``out``, its weights and optimizer state
+    loaded; a fresh run starts at 0, from ``load``'s weights if given."""
+    state_path = out / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        return state["step"], state["tokens"], state["seconds"]
+    if load:
+        net.load_state_dict(torch.load(load, weights_only=False)["net"])
+    return 0, 0, 0.0
+
+
+def step_once(net, opt, inputs: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
+    """One optimizer step on the mean NLL of the scored targets; returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = F.cross_entropy(net(inputs).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def save(out: Path, net, opt, step: int, tokens: int, seconds: float) -> None:
+    state = {"net": net.state_dict(), "opt": opt.state_dict(), "step": step,
+             "tokens": tokens, "seconds": seconds}  # fmt: skip
+    torch.save(state, out / "state.pt.tmp")
+    os.replace(out / "state.pt.tmp", out / "state.pt")
+
+
 def main(argv=None) -> int:
     args = arguments(argv)
     torch.set_num_threads(args.threads)
@@ -170,46 +203,28 @@ def main(argv=None) -> int:
     net = build(args, corpus.vocab_size)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     stages = parse_stages(args.stages)
-    total = sum(s[1] for s in stages)
+    total, bounds = sum(s[1] for s in stages), np.cumsum([s[1] for s in stages])
     out = Path(args.out) / args.name
     out.mkdir(parents=True, exist_ok=True)
-    state_path, step, tokens, seconds = out / "state.pt", 0, 0, 0.0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
-    elif args.load:
-        net.load_state_dict(torch.load(args.load, weights_only=False)["net"])
-    log = (out / "log.jsonl").open("a")
-    if step == 0:
-        log.write(json.dumps({"args": vars(args), "meta": meta()}) + "\n")
-        log.write(json.dumps({"step": 0, "tokens": 0, **evaluate(net, windows)}) + "\n")
-        log.flush()
-    bounds = np.cumsum([s[1] for s in stages])
-    while step < total:
-        length, _, fraction = stages[int(np.searchsorted(bounds, step, side="right"))]
-        t0 = time.perf_counter()
-        inputs, labels = batches(step, length, fraction)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, args)
-        loss = F.cross_entropy(net(inputs).flatten(0, 1), labels.flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        seconds += time.perf_counter() - t0
-        step, tokens = step + 1, tokens + inputs.numel()
-        if step % args.eval_every == 0 or step == total:
-            row = {"step": step, "seq_len": length, "tokens": tokens, "train_seconds": seconds,
-                   "loss": float(loss.detach()), **evaluate(net, windows)}  # fmt: skip
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            print(json.dumps(row), flush=True)
-            state = {"net": net.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "tokens": tokens, "seconds": seconds}  # fmt: skip
-            torch.save(state, str(state_path) + ".tmp")
-            os.replace(str(state_path) + ".tmp", state_path)
+    step, tokens, seconds = restore(out, net, opt, args.load)
+    with (out / "log.jsonl").open("a") as log:
+        if step == 0:
+            log.write(json.dumps({"args": vars(args), "meta": meta()}) + "\n")
+            log.write(json.dumps({"step": 0, "tokens": 0, **evaluate(net, windows)}) + "\n")
+        while step < total:
+            length, _, fraction = stages[int(np.searchsorted(bounds, step, side="right"))]
+            t0 = time.perf_counter()
+            inputs, labels = batches(step, length, fraction)
+            loss = step_once(net, opt, inputs, labels, lr_at(step, total, args))
+            seconds += time.perf_counter() - t0
+            step, tokens = step + 1, tokens + inputs.numel()
+            if step % args.eval_every == 0 or step == total:
+                row = {"step": step, "seq_len": length, "tokens": tokens, "train_seconds": seconds,
+                       "loss": loss, **evaluate(net, windows)}  # fmt: skip
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                print(json.dumps(row), flush=True)
+                save(out, net, opt, step, tokens, seconds)
     return 0
 
 
