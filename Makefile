@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick gpu-check context-parallel longseq longrange table2 ablate throughput report clean
+.PHONY: demo test test-slow lint format bench bench-quick gpu-check context-parallel long-sequence longrange table2 ablate throughput report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,7 +68,7 @@ longrange: $(STAMP)
 	wait $$a && test $$b = 0 && $(PY) -m experiments.studies.long_range
 
 # one training step of the tiny LongNet at 32K-1M tokens, memory savers off and on (#13)
-longseq: $(STAMP)
+long-sequence: $(STAMP)
 	$(PY) -m experiments.bench.long_sequence
 
 # every results table of README.md and experiments/README.md, from experiments/results/

@@ -225,14 +225,14 @@ def _context_parallel(results_dir, files, schedule, command, note=None) -> str:
 
 @table("context_parallel")
 def context_parallel(results_dir: Path) -> str:
-    return _context_parallel(results_dir, ["seqpar/seqpar.csv"], "paper",
+    return _context_parallel(results_dir, ["context_parallel/seqpar.csv"], "paper",
                              "python -m experiments.bench.context_parallel", EARLIER)  # fmt: skip
 
 
 @table("context_parallel_extended")
 def context_parallel_extended(results_dir: Path) -> str:
     return _context_parallel(
-        results_dir, ["seqpar/seqpar_extended.csv"], "extended",
+        results_dir, ["context_parallel/seqpar_extended.csv"], "extended",
         "python -m experiments.bench.context_parallel --schedule extended", EARLIER)  # fmt: skip
 
 
@@ -240,8 +240,8 @@ def context_parallel_extended(results_dir: Path) -> str:
 def context_parallel_longest(results_dir: Path) -> str:
     command = ("python -m experiments.bench.context_parallel --worlds 1 --sizes 524288 786432 "
                "--repeats 1 --max-backward 786432` and the same with `--worlds 4")  # fmt: skip
-    return _context_parallel(results_dir, ["seqpar/seqpar_long_p1.csv",
-                                           "seqpar/seqpar_long_p4.csv"], "paper", command,
+    return _context_parallel(results_dir, ["context_parallel/seqpar_long_p1.csv",
+                                           "context_parallel/seqpar_long_p4.csv"], "paper", command,
                              EARLIER)  # fmt: skip
 
 
@@ -260,7 +260,7 @@ LONGSEQ = "python -m experiments.bench.long_sequence"
 
 @table("longseq")
 def longseq(results_dir: Path) -> str:
-    f = "longseq/longseq.json"
+    f = "long_sequence/longseq.json"
     out = []
     for r in read_json_rows(results_dir / f):
         if r["status"] == "skipped":  # a shorter N was not reached in this mode
@@ -276,7 +276,7 @@ def longseq(results_dir: Path) -> str:
 
 @table("longseq_timing")
 def longseq_timing(results_dir: Path) -> str:
-    f = "longseq/longseq_timing.json"
+    f = "long_sequence/longseq_timing.json"
     rows = read_json_rows(results_dir / f)
     step = {(r["n"], r["mode"]): r["step_s"] for r in rows if r["status"] == "ok"}
     out = []
@@ -302,13 +302,13 @@ def longseq_timing(results_dir: Path) -> str:
 def longseq_estimate(results_dir: Path) -> str:
     from experiments.bench.long_sequence import estimate
 
-    f = "longseq/longseq.json"
+    f = "long_sequence/longseq.json"
     text = estimate(read_json_rows(results_dir / f), "longnet_tiny",
                     ["longnet_base", "longnet_2_7b"], 141e9, 8192)  # fmt: skip
     return text + (
         f"\n\nAn estimate, not a measurement: `estimate()` in "
         f"`experiments/bench/long_sequence.py` from `experiments/results/{f}` "
-        f"(`{LONGSEQ} --estimate-only --out experiments/results/longseq`)."
+        f"(`{LONGSEQ} --estimate-only --out experiments/results/long_sequence`)."
     )
 
 
@@ -415,9 +415,9 @@ def headline(results_dir: Path) -> str:
     thr = {(r["attention"], r["n"]): r for r in read_csv(results_dir / "throughput/throughput.csv")}
     n_max = max(n for _, n in thr)
     speedup = thr[("dilated", n_max)]["tokens_per_s"] / thr[("dense", n_max)]["tokens_per_s"]
-    steps = [r for r in read_json_rows(results_dir / "longseq/longseq.json") if r["status"] == "ok"]
+    steps = [r for r in read_json_rows(results_dir / "long_sequence/longseq.json") if r["status"] == "ok"]
     longest = max(steps, key=lambda r: (r["n"], -r["peak_mib"]))
-    ext = _context_parallel_rows(results_dir, ["seqpar/seqpar_extended.csv"])
+    ext = _context_parallel_rows(results_dir, ["context_parallel/seqpar_extended.csv"])
     p4 = [r for r in ext if r["P"] == 4 and r["status"] == "ok"]
     recv = [r["fwd_received"] / 2**20 for r in p4]
     recall = read_csv(results_dir / "long_range_tiny/recall.csv")
@@ -435,11 +435,11 @@ def headline(results_dir: Path) -> str:
          "`experiments/results/throughput/throughput.csv`"],
         ["longest sequence trained in one step (2-core CPU, 24 GiB)",
          f"{short(longest['n'])} tokens, `{longest['mode']}`, {longest['step_s']:.0f} s, "
-         f"{longest['peak_mib'] / 1024:.1f} GiB", "`experiments/results/longseq/longseq.json`"],
+         f"{longest['peak_mib'] / 1024:.1f} GiB", "`experiments/results/long_sequence/longseq.json`"],
         ["received per rank per forward, 4 processes, segments up to N, "
          f"{short(min(r['n'] for r in p4))}-{short(max(r['n'] for r in p4))}",
          f"{min(recv):.0f}-{max(recv):.0f} MiB",
-         "`experiments/results/seqpar/seqpar_extended.csv`"],
+         "`experiments/results/context_parallel/seqpar_extended.csv`"],
         ["tiny Table 2: perplexity change from 512 to 8192 tokens of context",
          f"{min(flat) * 100:+.1f}% to {max(flat) * 100:+.1f}%",
          "`experiments/results/paper_table2_tiny/table.md`"],
