@@ -415,7 +415,8 @@ def headline(results_dir: Path) -> str:
     thr = {(r["attention"], r["n"]): r for r in read_csv(results_dir / "throughput/throughput.csv")}
     n_max = max(n for _, n in thr)
     speedup = thr[("dilated", n_max)]["tokens_per_s"] / thr[("dense", n_max)]["tokens_per_s"]
-    steps = [r for r in read_json_rows(results_dir / "long_sequence/longseq.json") if r["status"] == "ok"]
+    longseq = read_json_rows(results_dir / "long_sequence/longseq.json")
+    steps = [r for r in longseq if r["status"] == "ok"]
     longest = max(steps, key=lambda r: (r["n"], -r["peak_mib"]))
     ext = _context_parallel_rows(results_dir, ["context_parallel/seqpar_extended.csv"])
     p4 = [r for r in ext if r["P"] == 4 and r["status"] == "ok"]
@@ -435,7 +436,8 @@ def headline(results_dir: Path) -> str:
          "`experiments/results/throughput/throughput.csv`"],
         ["longest sequence trained in one step (2-core CPU, 24 GiB)",
          f"{short(longest['n'])} tokens, `{longest['mode']}`, {longest['step_s']:.0f} s, "
-         f"{longest['peak_mib'] / 1024:.1f} GiB", "`experiments/results/long_sequence/longseq.json`"],
+         f"{longest['peak_mib'] / 1024:.1f} GiB",
+         "`experiments/results/long_sequence/longseq.json`"],
         ["received per rank per forward, 4 processes, segments up to N, "
          f"{short(min(r['n'] for r in p4))}-{short(max(r['n'] for r in p4))}",
          f"{min(recv):.0f}-{max(recv):.0f} MiB",

@@ -175,7 +175,7 @@ def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet
         starts = sc.windows_at(split, docs, n, cap)[: cfg.span_windows]
         try:
             res.span = span_probe.probe(model.net, sc.gather(split, starts, n, device),
-                                        cfg.span_length)  # fmt: skip
+                                        cfg.span_length, cfg.span_distances)  # fmt: skip
         except (ValueError, RuntimeError) as err:
             if sc.not_reached(err) is None:
                 raise

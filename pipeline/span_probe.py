@@ -14,9 +14,16 @@ import torch
 import torch.nn.functional as F
 
 
-def distances(length: int, span: int) -> list[int]:
-    """Powers of two from ``span`` up to ``length - span`` (the copy must fit before S)."""
-    return [d for d in (2**k for k in range(40)) if span <= d <= length - span]
+def distances(length: int, span: int, wanted: list[int] | None = None) -> list[int]:
+    """``wanted`` (default: the powers of two) from ``span`` up to ``length - span``: the copy
+    must not overlap S and must fit before it.
+
+    Why other distances than powers of two: a one-hop copy of the token that followed the
+    earlier occurrence attends ``d - 1`` tokens back, and a dilated pair (w, r) only connects
+    positions whose distance is a multiple of r; at d = 2^k the hop is odd, reachable only by
+    the r = 1 pairs, so a dilated model is probed at d = 2^k + 1 as well (hop 2^k)."""
+    grid = sorted(set(wanted)) if wanted is not None else [2**k for k in range(40)]
+    return [d for d in grid if span <= d <= length - span]
 
 
 @torch.no_grad()
@@ -29,16 +36,16 @@ def span_nll(net, inputs: torch.Tensor, start: int, span: int) -> torch.Tensor:
     return -logp.gather(-1, targets[..., None]).squeeze(-1).double().mean(-1)
 
 
-def probe(net, windows: torch.Tensor, span: int = 32) -> list[dict]:
+def probe(net, windows: torch.Tensor, span: int = 32, wanted: list[int] | None = None):
     """Rows ``{distance, windows, nll_without, nll_with, drop}`` for ``windows (W, L + 1)``
-    (only the L inputs are used)."""
+    (only the L inputs are used), at ``distances(L, span, wanted)``."""
     inputs = windows[:, :-1]
     length = inputs.shape[1]
     start = length - span  # S = inputs[:, start:]
     one_by_one = lambda x: torch.cat([span_nll(net, w[None], start, span) for w in x])  # noqa: E731
     without = one_by_one(inputs)  # (W,): windows run one at a time (L may be long)
     rows = []
-    for d in distances(length, span):
+    for d in distances(length, span, wanted):
         copied = inputs.clone()
         copied[:, start - d : start - d + span] = inputs[:, start:]
         with_copy = one_by_one(copied)

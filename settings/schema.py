@@ -126,6 +126,7 @@ class EvalConfig:
     loss_chunk: int = 8192  # tokens per chunk of the output layer and loss
     span_windows: int = 4  # repeated-span probe: windows at the longest length (0: off)
     span_length: int = 32  # repeated-span probe: tokens in the repeated span
+    span_distances: list[int] | None = None  # repeated-span probe: copy distances (null: 2^k)
     recall_sequences: int = 32  # recall checkpoints: held-out sequences per (length, distance)
     distances: list[int] | None = None  # recall: record-to-query distances; null: 16, 32, ...
     data: EvalData = field(default_factory=EvalData)  # another corpus to score (null: own)
@@ -135,6 +136,12 @@ class EvalConfig:
             raise ValueError(
                 f"span_windows must be >= 0 and span_length >= 2, got {self.span_windows}, "
                 f"{self.span_length}"
+            )
+        bad = [d for d in self.span_distances or [] if d < self.span_length]
+        if bad:
+            raise ValueError(
+                f"span_distances must be >= span_length ({self.span_length}: the copy may not "
+                f"overlap the span), got {bad}"
             )
         if self.recall_sequences < 1:
             raise ValueError(f"recall_sequences must be at least 1, got {self.recall_sequences}")

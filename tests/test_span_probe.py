@@ -52,3 +52,37 @@ def test_a_copier_shows_the_drop_where_it_can_see(reach):
 def test_a_unigram_model_shows_none():
     for r in probe(Copier(2000, 0), windows(), span=32):
         assert r["drop"] == 0.0 and r["windows"] == 3
+
+
+class HopCopier(Copier):
+    """A copier that can only attend a multiple of ``rate`` tokens back, as a dilated pair
+    (w, r) connects only positions whose distance r divides: the token after the earlier
+    occurrence lies d - 1 back."""
+
+    def __init__(self, vocab: int, rate: int):
+        super().__init__(vocab, reach=10**9)
+        self.rate = rate
+
+    def hidden(self, tokens):
+        out = torch.zeros(*tokens.shape, self.vocab)
+        for b, row in enumerate(tokens.tolist()):
+            last = {}
+            for i, t in enumerate(row):
+                if t in last and (i - last[t] - 1) % self.rate == 0:
+                    out[b, i, row[last[t] + 1]] = 20.0
+                last[t] = i
+        return out
+
+
+def test_chosen_distances_show_the_hop_parity():
+    """d = 2^k: hop 2^k - 1, odd, unreachable at r = 4; d = 2^k + 1: hop 2^k, reachable."""
+    assert distances(256, 32, [33, 300, 64, 65, 8, 65]) == [33, 64, 65]
+    rows = {r["distance"]: r["drop"] for r in probe(HopCopier(2000, 4), windows(), 32, [64, 65])}
+    assert rows[64] < 0.5 and rows[65] > 5.0, rows  # 64: chance repeats of the random text
+
+
+def test_distances_shorter_than_the_span_are_refused():
+    from settings.schema import EvalConfig
+
+    with pytest.raises(ValueError, match=r"span_distances must be >= span_length \(32.*\[16\]"):
+        EvalConfig(checkpoints=["x.ckpt"], span_distances=[16, 64])
