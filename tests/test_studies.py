@@ -90,6 +90,39 @@ def test_table2_micro_end_to_end_and_resume(corpus, tmp_path, capsys):
     assert len(saved["runs"]) == 3
 
 
+def test_a_curriculum_stage_comes_before_each_run_and_counts_in_its_cost(corpus, tmp_path):
+    config = micro_table2(corpus, tmp_path / "study.yaml")
+    spec = yaml.safe_load(config.read_text())
+    spec["curriculum"] = {"seq_len": 8, "steps": 3, "train": ["data.copy_fraction=0.5"]}
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "study"
+    runs = paper_table2.plan(load_study(config, Table2Spec), [], out)
+    assert [(r.name, r.stage) for r in runs][:2] == [
+        ("transformer_16.8", "transformer_16"),
+        ("transformer_16", None),
+    ]
+    stage, run = runs[:2]
+    assert (stage.cfg.data.seq_len, stage.cfg.data.batch_size) == (8, 8)  # same tokens per batch
+    assert stage.cfg.trainer["max_steps"] == 3 and stage.cfg.data.copy_fraction == 0.5
+    assert run.cfg.init_from == str(out / "transformer_16.8" / "checkpoints" / "last.ckpt")
+    assert run.cfg.data.copy_fraction == 0.0 and run.cfg.trainer["max_steps"] == 2
+    assert [r.name for r in study.select(runs, ["longnet_32"], None, config)] == [
+        "longnet_32.8",  # a stage goes with its run
+        "longnet_32",
+    ]
+    assert [r.name for r in study.select(runs, None, "1/3", config)] == [
+        "sparse_transformer_32.8",
+        "sparse_transformer_32",
+    ]
+    finished = [study.FinishedRun(r, {"train_seconds": 10.0 + i}, {}) for i, r in enumerate(runs)]
+    merged = study.without_stages(finished)
+    assert [r.name for r in merged] == ["transformer_16", "sparse_transformer_32", "longnet_32"]
+    assert (
+        merged[0].train["train_seconds"] == 21.0
+        and merged[0].train["stage"]["train_seconds"] == 10.0
+    )
+
+
 def test_table2_bad_study(corpus, tmp_path):
     config = micro_table2(corpus, tmp_path / "study.yaml")
     spec = yaml.safe_load(config.read_text())

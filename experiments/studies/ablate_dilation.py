@@ -31,7 +31,7 @@ import torch
 
 from experiments.bench.measure import timed
 from experiments.studies import runner
-from experiments.studies.runner import FinishedRun, Run, Study, checked_run
+from experiments.studies.runner import FinishedRun, Run, Study
 from experiments.studies.schema import AblationSpec
 from models.attention.dilated import dilated_attention, validate_schedule
 from models.attention.sparse import dilated_keys_per_query
@@ -82,19 +82,21 @@ def schedules(spec: AblationSpec) -> dict[str, tuple[list, list]]:
 
 
 def plan(spec: AblationSpec, extra: list[str] = (), out=None, args=None) -> list[Run]:
-    """One run per schedule, the same model, length and tokens (checked)."""
+    """One run per schedule, the same model, length and tokens (checked), each after its
+    curriculum stage if the study has one (runner.staged)."""
+    out = Path(out) if out is not None else runner.ROOT / "runs" / spec.name
     runs = []
     for name, (w, r) in schedules(spec).items():
         argv = [str(runner.ROOT / spec.model), *spec.train, "model.attention=dilated",
-                f"model.segment_lengths={w}", f"model.dilation_rates={r}",
-                f"data.seq_len={spec.seq_len}",
-                f"data.batch_size={spec.tokens_per_batch // spec.seq_len}",
-                f"trainer.max_steps={spec.steps}", *extra]  # fmt: skip
-        runs.append(checked_run(name, argv, summary=f"w={w} r={r}", facts={"w": w, "r": r}))
+                f"model.segment_lengths={w}", f"model.dilation_rates={r}"]  # fmt: skip
+        runs += runner.staged(spec, name, argv, spec.seq_len, spec.steps, extra, out,
+                              summary=f"w={w} r={r}", facts={"w": w, "r": r})  # fmt: skip
     return runs
 
 
 def score(spec: AblationSpec, run: Run, run_dir: Path) -> dict:
+    if run.stage:  # a curriculum stage is not evaluated
+        return {}
     ppl = runner.ppl_by_length(run_dir, spec)  # evaluates first: the prompting curve is its
     return {"eval": ppl, "prompting": outputs.prompting(run_dir / "eval")}
 
@@ -127,11 +129,12 @@ def cost(spec: AblationSpec, run: Run) -> dict:
 def finish(spec: AblationSpec, results: list[FinishedRun], out: Path, args=None) -> dict:
     """Costs every schedule (after training: the benchmark wants a quiet process), then the
     table."""
-    rows = [r.row(**cost(spec, r.run)) for r in results]
-    return report(spec, rows, out)
+    stages = [r for r in results if r.run.stage]
+    rows = [r.row(**cost(spec, r.run)) for r in runner.without_stages(results)]
+    return report(spec, rows, out, runner.curriculum_text(spec, stages))
 
 
-def report(spec: AblationSpec, runs: list[dict], out: Path) -> dict:
+def report(spec: AblationSpec, runs: list[dict], out: Path, curriculum: str = "") -> dict:
     lengths = list(spec.eval.context_lengths)
     longest = lengths[-1]
     ranked = sorted(runs, key=lambda r: runner.finite_or_inf(r["eval"].get(longest)))
@@ -153,7 +156,8 @@ def report(spec: AblationSpec, runs: list[dict], out: Path) -> dict:
         f"# {spec.name}: dilation schedules ranked by perplexity at {longest}",
         "",
         f"{spec.model}, trained at {spec.seq_len} for {spec.steps} steps of "
-        f"{spec.tokens_per_batch} tokens each; eval.py {' '.join(spec.eval.args)}; attention "
+        f"{spec.tokens_per_batch} tokens each{curriculum}; eval.py "
+        f"{' '.join(spec.eval.args)}; attention "
         f"forward+backward alone at {spec.bench.seq_len}, median of {spec.bench.repeats}. "
         f"Training took {seconds:.0f} s in all. Measured {time.strftime('%Y-%m-%d')}.",
         "",

@@ -27,6 +27,7 @@ recall.csv and its heatmap. Resumable like the other studies (experiments/studie
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -51,26 +52,12 @@ def plan(spec: LongRangeSpec, extra: list[str] = (), out: Path = Path("."), args
     curriculum's length on the same tokens per batch) comes before the run itself, which starts
     from its weights (``init_from``; the optimizer, schedule and data start afresh)."""
     quick = bool(getattr(args, "quick", False))
-    per, stage = spec.tokens_per_batch, spec.curriculum
     steps = spec.quick.steps if quick else spec.steps
+    make = functools.partial(recall_run, spec)
     runs = []
     for name in spec.quick.runs if quick else list(spec.runs):
         shared = [str(runner.ROOT / spec.model), *spec.train, *spec.runs[name]]
-        init = []
-        if stage is not None:
-            short = stage.seq_len
-            stage_steps = (
-                stage.steps if not quick or stage.quick_steps is None else stage.quick_steps
-            )
-            warm = f"{name}.{short}"
-            runs.append(recall_run(spec, warm, [*shared, f"data.seq_len={short}",
-                                   f"data.batch_size={per // short}",
-                                   f"trainer.max_steps={stage_steps}", *stage.train, *extra],
-                                   stage=name))  # fmt: skip
-            init = [f"init_from={out / warm / 'checkpoints' / 'last.ckpt'}"]
-        runs.append(recall_run(spec, name, [*shared, f"data.seq_len={spec.seq_len}",
-                               f"data.batch_size={per // spec.seq_len}",
-                               f"trainer.max_steps={steps}", *init, *extra]))  # fmt: skip
+        runs += runner.staged(spec, name, shared, spec.seq_len, steps, extra, out, make, quick)
     return runs
 
 
@@ -140,16 +127,6 @@ def finish(spec: LongRangeSpec, results: list[FinishedRun], out: Path, args) -> 
     return report(spec, ranked, list(stages.values()), first, out, out_name(spec, args))
 
 
-def curriculum_text(spec: LongRangeSpec, stages: list[FinishedRun]) -> str:
-    """How the curriculum stages trained, for the table's caption ('' without any)."""
-    if not stages:
-        return ""
-    steps = ", ".join(str(s) for s in sorted({r.run.cfg.trainer.get("max_steps") for r in stages}))
-    overrides = " ".join(spec.curriculum.train)
-    return (f", each after {steps} steps at {spec.curriculum.seq_len} tokens ({overrides}) "
-            "whose weights it starts from")  # fmt: skip
-
-
 def report(spec: LongRangeSpec, ranked: list[dict], stages: list[FinishedRun], cfg, out: Path,
            name: str) -> dict:  # fmt: skip
     lengths, n = list(spec.eval.context_lengths), spec.seq_len
@@ -171,7 +148,8 @@ def report(spec: LongRangeSpec, ranked: list[dict], stages: list[FinishedRun], c
         f"# {name}: answer accuracy by distance, ranked by area per attention FLOP",
         "",
         f"Trained at {n} tokens for {cfg.trainer.get('max_steps')} steps of "
-        f"{spec.tokens_per_batch} tokens on data.source=recall{curriculum_text(spec, stages)}; "
+        f"{spec.tokens_per_batch} tokens on data.source=recall"
+        f"{runner.curriculum_text(spec, stages)}; "
         f"accuracy at L={longest} over "
         f"distances {dists[0]}..{dists[-1]} (area: the mean over the log2 grid). Training "
         f"took {seconds:.0f} s in all. Measured {time.strftime('%Y-%m-%d')}. Picking one of "

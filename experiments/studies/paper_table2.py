@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from experiments.studies import runner
-from experiments.studies.runner import FinishedRun, Run, Study, checked_run
+from experiments.studies.runner import FinishedRun, Run, Study
 from experiments.studies.schema import TABLE2_MODELS as MODELS
 from experiments.studies.schema import Table2Spec
 from models.attention.sparse import match_dilated
@@ -33,13 +33,14 @@ from settings.cli import run_cli
 
 
 def plan(spec: Table2Spec, extra: list[str] = (), out=None, args=None) -> list[Run]:
-    """Every run of a study: name, model, seq_len, batch and its train.py argv (checked)."""
+    """Every run of a study: name, model, seq_len, batch and its train.py argv (checked),
+    each after its curriculum stage if the study has one (runner.staged)."""
     w, r = list(spec.schedule.segment_lengths), list(spec.schedule.dilation_rates)
+    out = Path(out) if out is not None else runner.ROOT / "runs" / spec.name
     runs = []
     for run in spec.runs:
         batch = spec.tokens_per_batch // run.seq_len
-        argv = [str(runner.ROOT / run.config), *spec.train, f"data.seq_len={run.seq_len}",
-                f"data.batch_size={batch}", f"trainer.max_steps={spec.steps}"]  # fmt: skip
+        argv = [str(runner.ROOT / run.config), *spec.train]
         if run.model == "longnet":
             argv += [f"model.segment_lengths={w}", f"model.dilation_rates={r}"]
         if run.model == "sparse_transformer":  # matched with the run's own head count
@@ -47,10 +48,11 @@ def plan(spec: Table2Spec, extra: list[str] = (), out=None, args=None) -> list[R
             block, summary = match_dilated(w, r, run.seq_len, n_head)
             argv += [f"model.sparse_block={block}", f"model.sparse_summary={summary}"]
         facts = {"model": run.model, "seq_len": run.seq_len, "batch": batch}
-        runs.append(checked_run(f"{run.model}_{run.seq_len}", [*argv, *extra], facts=facts))
+        runs += runner.staged(spec, f"{run.model}_{run.seq_len}", argv, run.seq_len, spec.steps,
+                              extra, out, facts=facts)  # fmt: skip
     for run in runs:
         m = run.cfg.model
-        run.summary = f"batch {run.facts['batch']} x {run.facts['seq_len']}, " + {
+        run.summary = f"batch {run.cfg.data.batch_size} x {run.cfg.data.seq_len}, " + {
             "dilated": f"w={list(m.segment_lengths)} r={list(m.dilation_rates)}",
             "sparse": f"block={m.sparse_block} summary={m.sparse_summary}",
         }.get(m.attention, m.attention)
@@ -58,10 +60,13 @@ def plan(spec: Table2Spec, extra: list[str] = (), out=None, args=None) -> list[R
 
 
 def score(spec: Table2Spec, run: Run, run_dir: Path) -> dict:
-    return {"eval": runner.ppl_by_length(run_dir, spec)}
+    """eval.py on a trained run (a curriculum stage is not evaluated)."""
+    return {} if run.stage else {"eval": runner.ppl_by_length(run_dir, spec)}
 
 
 def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -> dict:
+    stages = [r for r in results if r.run.stage]
+    results = runner.without_stages(results)
     lengths = list(spec.eval.context_lengths)
     header = ["model", "training length", "batch", *[f"ppl @{n}" for n in lengths]]
     header += ["train s", "eval s"]
@@ -75,7 +80,8 @@ def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -
     text = [
         f"# {spec.name}: perplexity by evaluation length",
         "",
-        f"{spec.tokens_per_batch} tokens per batch, {spec.steps} steps for every model; LongNet "
+        f"{spec.tokens_per_batch} tokens per batch, {spec.steps} steps for every model"
+        f"{runner.curriculum_text(spec, stages)} (train s: both); LongNet "
         f"w={w} r={r}; eval.py {' '.join(spec.eval.args)}. Measured {time.strftime('%Y-%m-%d')}.",
         "",
         markdown_table(header, rows),

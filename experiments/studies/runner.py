@@ -179,6 +179,68 @@ def checked_run(name: str, argv: list[str], **info) -> Run:
     return Run(name, argv, cfg, **info)
 
 
+def staged(
+    spec,
+    name: str,
+    argv: list[str],
+    seq_len: int,
+    steps: int,
+    extra,
+    out: Path,
+    make: Callable[..., Run] = checked_run,
+    quick: bool = False,
+    **info,
+) -> list[Run]:
+    """The runs that train ``name`` at ``seq_len`` for ``steps`` (``argv``: its train.py
+    arguments but length, batch and steps). With the study's ``curriculum``, a short stage
+    ``<name>.<length>`` comes first (its ``stage`` the run's name; the curriculum's length and
+    steps, the same tokens per batch, then the curriculum's own overrides) and the run starts
+    from its weights (``init_from``: the optimizer, schedule and data start afresh). Without
+    one, the run alone. ``make(name, argv, **info)`` checks each."""
+    per, curriculum, runs, init = spec.tokens_per_batch, spec.curriculum, [], []
+    if curriculum is not None:
+        short = curriculum.seq_len
+        n = (
+            curriculum.quick_steps
+            if quick and curriculum.quick_steps is not None
+            else curriculum.steps
+        )
+        warm = f"{name}.{short}"
+        runs.append(make(warm, [*argv, f"data.seq_len={short}", f"data.batch_size={per // short}",
+                                f"trainer.max_steps={n}", *curriculum.train, *extra],
+                         stage=name, summary=f"{short}-token stage of {name}"))  # fmt: skip
+        init = [f"init_from={out / warm / 'checkpoints' / 'last.ckpt'}"]
+    runs.append(make(name, [*argv, f"data.seq_len={seq_len}", f"data.batch_size={per // seq_len}",
+                            f"trainer.max_steps={steps}", *init, *extra], **info))  # fmt: skip
+    return runs
+
+
+def without_stages(results: list[FinishedRun]) -> list[FinishedRun]:
+    """The study's own runs, each with its curriculum stage's training seconds added (the
+    table's cost of a run is both)."""
+    stages = {r.run.stage: r for r in results if r.run.stage}
+    runs = []
+    for r in results:
+        if r.run.stage:
+            continue
+        if r.name in stages:
+            before = stages[r.name].train
+            r = dataclasses.replace(r, train={**r.train, "stage": before,
+                "train_seconds": r.train["train_seconds"] + before["train_seconds"]})  # fmt: skip
+        runs.append(r)
+    return runs
+
+
+def curriculum_text(spec, stages: list[FinishedRun]) -> str:
+    """How the curriculum stages trained, for a table's caption ('' without any)."""
+    if not stages:
+        return ""
+    steps = ", ".join(str(s) for s in sorted({r.run.cfg.trainer.get("max_steps") for r in stages}))
+    overrides = " ".join(spec.curriculum.train)
+    return (f", each after {steps} steps at {spec.curriculum.seq_len} tokens ({overrides}) "
+            "whose weights it starts from")  # fmt: skip
+
+
 def train_run(run_dir: Path, argv: list[str]) -> dict:
     """Trains one run unless ``done.json`` says it finished; returns what done.json holds."""
     done = run_dir / "done.json"

@@ -54,6 +54,14 @@ class DilationSchedule:
 
 
 @dataclass
+class Curriculum:
+    seq_len: int = MISSING  # each run first trains at this length ...
+    steps: int = MISSING  # ... for this many steps
+    quick_steps: int | None = None  # with --quick (default: steps)
+    train: list[str] = field(default_factory=list)  # train.py overrides of the stage
+
+
+@dataclass
 class StudySpec:
     """What every study names: the runs' shared recipe and how they are evaluated."""
 
@@ -62,11 +70,14 @@ class StudySpec:
     steps: int = MISSING  # optimizer steps of every run
     train: list[str] = field(default_factory=list)  # train.py overrides shared by every run
     eval: StudyEval = MISSING
+    curriculum: Curriculum | None = None  # a short stage before every run (runner.staged)
 
     def __post_init__(self):
         for key in ("tokens_per_batch", "steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.curriculum is not None:
+            _multiple(self.tokens_per_batch, self.curriculum.seq_len, "curriculum.seq_len")
 
 
 # -- the paper's Table 2 (paper_table2.py) -----------------------------------------------------
@@ -145,14 +156,6 @@ class AblationSpec(StudySpec):
 
 
 @dataclass
-class Curriculum:
-    seq_len: int = MISSING  # each run first trains at this length ...
-    steps: int = MISSING  # ... for this many steps
-    quick_steps: int | None = None  # with --quick (default: steps)
-    train: list[str] = field(default_factory=list)  # train.py overrides of the stage
-
-
-@dataclass
 class Quick:
     runs: list[str] = MISSING  # --quick trains these runs ...
     steps: int = MISSING  # ... for this many steps
@@ -164,13 +167,10 @@ class LongRangeSpec(StudySpec):
     seq_len: int = MISSING  # the training length
     runs: dict[str, list[str]] = MISSING  # name -> train.py overrides on top of `train`
     quick: Quick = MISSING
-    curriculum: Curriculum | None = None
 
     def __post_init__(self):
         super().__post_init__()
         _multiple(self.tokens_per_batch, self.seq_len)
-        if self.curriculum is not None:
-            _multiple(self.tokens_per_batch, self.curriculum.seq_len, "curriculum.seq_len")
         for name in self.quick.runs:
             if name not in self.runs:
                 raise ValueError(f"quick.runs names {name!r}, not one of {list(self.runs)}")
