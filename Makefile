@@ -47,8 +47,11 @@ gpu-check:
 	$(GPU_PY) -m experiments.tools.gpu_check
 
 # the studies of experiments/README.md (resumable: a second call skips finished runs)
+# the paper's Table 2 at CPU scale with the copying recipe: two one-thread processes, then the table
 table2: $(STAMP)
-	$(PY) -m experiments.studies.paper_table2 --scale tiny
+	$(PY) -m experiments.studies.paper_table2 --threads 1 --shard 0/2 & a=$$!; \
+	$(PY) -m experiments.studies.paper_table2 --threads 1 --shard 1/2; b=$$?; \
+	wait $$a && test $$b = 0 && $(PY) -m experiments.studies.paper_table2
 
 ablate: $(STAMP)
 	$(PY) -m experiments.studies.ablate_dilation --config configs/study/ablate_dilation_tiny.yaml

@@ -52,3 +52,13 @@ def prompting(out_dir: str | Path) -> dict[int, float]:
         return {}
     with open(f, newline="") as fh:
         return {int(r["prompt_length"]): float(r["mean_nll"]) for r in csv.DictReader(fh)}
+
+
+def span_drops(out_dir: str | Path) -> dict[int, float]:
+    """Copy distance -> the repeated-span probe's NLL drop (nats per token), from eval.py's
+    repeated_span.csv ({} when the probe did not run)."""
+    f = Path(out_dir, "repeated_span.csv")
+    if not f.exists() or not f.read_text().strip():
+        return {}
+    with open(f, newline="") as fh:
+        return {int(r["distance"]): float(r["drop"]) for r in csv.DictReader(fh)}

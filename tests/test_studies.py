@@ -52,11 +52,11 @@ def micro_table2(corpus, path):
     return path
 
 
-@pytest.mark.parametrize("scale", ["tiny", "paper"])
+@pytest.mark.parametrize("scale", ["recipe", "tiny", "paper"])
 def test_table2_configs_build_on_meta(scale, capsys):
     paper_table2.main(["--scale", scale, "--dry-run"])
     out = capsys.readouterr().out
-    assert out.count("plan: ") == (5 if scale == "tiny" else 7)
+    assert out.count("plan: ") == {"recipe": 10, "tiny": 5, "paper": 7}[scale]  # recipe: stages
     assert "sparse_transformer_8192" in out
 
 
@@ -269,6 +269,7 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
 
 SCHEMAS = {
     "paper_table2_tiny": "Table2Spec",
+    "paper_table2_recipe": "Table2Spec",
     "paper_table2_paper": "Table2Spec",
     "ablate_dilation_tiny": "AblationSpec",
     "long_range_tiny": "LongRangeSpec",

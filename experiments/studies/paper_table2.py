@@ -28,6 +28,7 @@ from experiments.studies.runner import FinishedRun, Run, Study
 from experiments.studies.schema import TABLE2_MODELS as MODELS
 from experiments.studies.schema import Table2Spec
 from models.attention.sparse import match_dilated
+from pipeline import outputs
 from pipeline.display import line_plot, markdown_table
 from settings.cli import run_cli
 
@@ -61,18 +62,24 @@ def plan(spec: Table2Spec, extra: list[str] = (), out=None, args=None) -> list[R
 
 def score(spec: Table2Spec, run: Run, run_dir: Path) -> dict:
     """eval.py on a trained run (a curriculum stage is not evaluated)."""
-    return {} if run.stage else {"eval": runner.ppl_by_length(run_dir, spec)}
+    if run.stage:
+        return {}
+    ppl = runner.ppl_by_length(run_dir, spec)  # evaluates first
+    return {"eval": ppl, "span": outputs.span_drops(run_dir / "eval"),
+            "prompting": outputs.prompting(run_dir / "eval")}  # fmt: skip
 
 
 def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -> dict:
     stages = [r for r in results if r.run.stage]
     results = runner.without_stages(results)
     lengths = list(spec.eval.context_lengths)
+    dists = sorted({d for r in results for d in r.scores.get("span", {})})
     header = ["model", "training length", "batch", *[f"ppl @{n}" for n in lengths]]
-    header += ["train s", "eval s"]
+    header += [f"span drop d={d}" for d in dists] + ["train s", "eval s"]
     rows = [
         [MODELS[r.run.facts["model"]], r.run.facts["seq_len"], r.run.facts["batch"],
-         *[r.scores["eval"].get(n) for n in lengths], r.train["train_seconds"],
+         *[r.scores["eval"].get(n) for n in lengths],
+         *[r.scores.get("span", {}).get(d) for d in dists], r.train["train_seconds"],
          runner.eval_seconds(out / r.name)]
         for r in results
     ]  # fmt: skip
@@ -82,7 +89,9 @@ def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -
         "",
         f"{spec.tokens_per_batch} tokens per batch, {spec.steps} steps for every model"
         f"{runner.curriculum_text(spec, stages)} (train s: both); LongNet "
-        f"w={w} r={r}; eval.py {' '.join(spec.eval.args)}. Measured {time.strftime('%Y-%m-%d')}.",
+        f"w={w} r={r}; eval.py {' '.join(spec.eval.args)}. Span drop: the repeated-span "
+        f"probe's NLL drop (nats per token) with a copy d tokens back, at the longest length. "
+        f"Measured {time.strftime('%Y-%m-%d')}.",
         "",
         markdown_table(header, rows),
     ]
@@ -95,12 +104,18 @@ def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -
               for r in results}  # fmt: skip
     line_plot(out / "ppl_vs_context.png", curves, "evaluation length (tokens)", "perplexity",
               f"{spec.name}: trained at the length after @, evaluated by eval.py")  # fmt: skip
+    prompting = {k: r.scores.get("prompting", {}) for k, r in zip(curves, results, strict=True)}
+    plots = ["ppl_vs_context.png"]
+    if any(prompting.values()):  # the paper's Figure 7b, for the same checkpoints
+        line_plot(out / "prompting.png", prompting, "prompt length (tokens)",
+                  "mean NLL of the same final tokens", f"{spec.name}: prompting curve")  # fmt: skip
+        plots.append("prompting.png")
     results_json = {"runs": [r.row() for r in results], "lengths": lengths}
-    return runner.write_report(out, text, results_json, ["ppl_vs_context.png"])
+    return runner.write_report(out, text, results_json, plots)
 
 
 def options(p) -> None:
-    p.add_argument("--scale", choices=["tiny", "paper"], default="tiny",
+    p.add_argument("--scale", choices=["recipe", "tiny", "paper"], default="recipe",
                    help="configs/study/paper_table2_<scale>.yaml, without --config")  # fmt: skip
 
 
