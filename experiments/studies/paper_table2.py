@@ -28,6 +28,7 @@ from experiments.studies.runner import FinishedRun, Run, Study
 from experiments.studies.schema import TABLE2_MODELS as MODELS
 from experiments.studies.schema import Table2Spec
 from models.attention.sparse import match_dilated
+from models.transformer import attended_keys
 from pipeline import outputs
 from pipeline.display import line_plot, markdown_table
 from settings.cli import run_cli
@@ -69,17 +70,27 @@ def score(spec: Table2Spec, run: Run, run_dir: Path) -> dict:
             "prompting": outputs.prompting(run_dir / "eval")}  # fmt: skip
 
 
+def attention_tflop(spec: Table2Spec, r: FinishedRun) -> float:
+    """Attention FLOPs a run spent training at its own length (q.k and p.v, forward and
+    backward: 12 x d_model x layers per attended key per token; its short stage not
+    counted), in TFLOP: the cost Figure 6 of the paper puts on its x-axis."""
+    m, n = r.run.cfg.model, r.run.facts["seq_len"]
+    tokens = r.train["steps"] * spec.tokens_per_batch
+    return 12 * m.n_layer * m.d_model * attended_keys(m, n) * tokens / 1e12
+
+
 def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -> dict:
     stages = [r for r in results if r.run.stage]
     results = runner.without_stages(results)
     lengths = list(spec.eval.context_lengths)
     dists = sorted({d for r in results for d in r.scores.get("span", {})})
     header = ["model", "training length", "batch", *[f"ppl @{n}" for n in lengths]]
-    header += [f"span drop d={d}" for d in dists] + ["train s", "eval s"]
+    header += [f"span drop d={d}" for d in dists] + ["attn TFLOP", "train s", "eval s"]
     rows = [
         [MODELS[r.run.facts["model"]], r.run.facts["seq_len"], r.run.facts["batch"],
          *[r.scores["eval"].get(n) for n in lengths],
-         *[r.scores.get("span", {}).get(d) for d in dists], r.train["train_seconds"],
+         *[r.scores.get("span", {}).get(d) for d in dists], attention_tflop(spec, r),
+         r.train["train_seconds"],
          runner.eval_seconds(out / r.name)]
         for r in results
     ]  # fmt: skip
