@@ -5,7 +5,7 @@
 
 A table lives between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in its document;
 the text between the markers is what ``TABLES[NAME]`` gives from the files under
-experiments/results/ (each written with its provenance by experiments/provenance.py), followed
+experiments/results/ (each written with its provenance by pipeline/provenance.py), followed
 by a line naming the file and the command that writes it. The prose around the markers is
 written by hand; the numbers inside them only come from files, as configs/default.yaml only
 comes from the schema (settings/generate.py).
@@ -101,7 +101,7 @@ def study_table(results_dir: Path, file: str, command: str, index: int = 0, note
 
 
 def provenance(path: Path) -> dict | None:
-    """The record experiments/provenance.py wrote with a file (CSV: ``<stem>.meta.json``
+    """The record pipeline/provenance.py wrote with a file (CSV: ``<stem>.meta.json``
     beside it; JSON: its ``"meta"`` key), or None for a file written before it existed."""
     if path.suffix == ".csv":
         meta_path = path.with_suffix(".meta.json")

@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline import recall_probe
 from pipeline import scoring as sc
 from pipeline.display import line_plot, markdown_table
+from pipeline.provenance import meta
 from settings.schema import EvalConfig
 
 
@@ -74,7 +75,7 @@ def _write_ppl(tmp: Path, results, corpus: str) -> None:
     ]
     _csv(tmp / "ppl_vs_context.csv", rows)
     (tmp / "ppl_vs_context.json").write_text(
-        json.dumps({"method": sc.POLICY, "corpus": corpus, "rows": rows}, indent=1)
+        json.dumps({"meta": meta(), "method": sc.POLICY, "corpus": corpus, "rows": rows}, indent=1)
     )
 
 

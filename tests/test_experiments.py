@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from experiments.bench import attention_scaling, model_cost
-from experiments.provenance import rows_of
+from pipeline.provenance import rows_of
 
 
 def test_attention_scaling_micro(tmp_path, capsys):

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from experiments import provenance
-from experiments.provenance import rows_of, write_results
+from pipeline import provenance
+from pipeline.provenance import rows_of, write_results
 
 
 def check_meta(meta: dict) -> None:

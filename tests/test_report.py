@@ -79,9 +79,9 @@ def test_a_missing_marker_exits_2_naming_it(tmp_path, monkeypatch, capsys):
 
 
 def test_provenance_of_a_new_results_file_is_shown(tmp_path):
-    """A file written by experiments/provenance.py carries its command and commit into the
+    """A file written by pipeline/provenance.py carries its command and commit into the
     line under its table."""
-    from experiments.provenance import write_results
+    from pipeline.provenance import write_results
 
     write_results(tmp_path / "b" / "rows.csv", [{"x": 1}], command="python -m some.bench")
     line = report.source(tmp_path, ["b/rows.csv"], "python -m some.bench")

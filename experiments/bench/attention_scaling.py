@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from experiments.bench.measure import PAPER_R, PAPER_W, RESULTS, K, fixed_mmap_threshold, timed
-from experiments.provenance import write_results
 from models.attention.backends import attention_backward, attention_forward
 from models.attention.dilated import dilated_attention
 from pipeline import display
+from pipeline.provenance import write_results
 
 
 def make_qkv(n, args, grad=False):

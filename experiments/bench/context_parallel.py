@@ -38,10 +38,10 @@ from experiments.bench.measure import (
     fixed_mmap_threshold,
     median,
 )
-from experiments.provenance import write_results
 from models.attention import distributed
 from models.attention.dilated import dilated_attention
 from pipeline import display
+from pipeline.provenance import write_results
 
 NAME = "context_parallel"  # the files it writes: NAME.{csv,json,png}
 HEADS, HEAD_DIM, BYTES = 12, 64, 4  # fp32

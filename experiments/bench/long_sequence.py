@@ -51,8 +51,8 @@ from experiments.bench.measure import (
     train_step,
     window,
 )
-from experiments.provenance import rows_of, write_results
 from pipeline import display
+from pipeline.provenance import rows_of, write_results
 from settings.loading import model_config_named
 
 MODES = ("plain", "chunked", "saving", "sublayer")

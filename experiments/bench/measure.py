@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.provenance import host
 from models.transformer import ModelConfig
+from pipeline.provenance import host
 
 # the paper's schedule (LongNet, Section 4): segment lengths and dilation rates
 PAPER_W = [2048, 4096, 8192, 16384, 32768]

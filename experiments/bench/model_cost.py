@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from experiments.bench.measure import RESULTS, language_model, median, train_step, window
-from experiments.provenance import write_results
 from models.transformer import flops_per_token, n_params
+from pipeline.provenance import write_results
 from settings.cli import run_cli
 from settings.loading import model_config_named
 

@@ -41,9 +41,9 @@ from experiments.bench.measure import (
     train_step,
     window,
 )
-from experiments.provenance import write_results
 from models.transformer import ModelConfig, flops_per_token
 from pipeline import display
+from pipeline.provenance import write_results
 from pipeline.scoring import not_reached
 from settings.cli import run_cli
 from settings.loading import model_config_named

@@ -30,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.provenance import write_results
 from experiments.studies.schema import load_study
 from models.transformer import TransformerLM
 from pipeline import outputs
 from pipeline.evaluation import evaluate
+from pipeline.provenance import write_results
 from pipeline.training import train
 from settings.loading import ConfigError, load_run_config, split_argv
 from settings.schema import RunConfig

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from data.config import DataConfig
 from data.copying import CopyMix, frequent_tokens
 from data.corpus import prepare
-from experiments.provenance import meta
 from models.transformer import ModelConfig, TransformerLM
+from pipeline.provenance import meta
 from pipeline.span_probe import probe
 
 BUCKETS = [(0, 8), (8, 32), (32, 64), (64, 128), (128, 256), (256, 512)]
