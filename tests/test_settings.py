@@ -15,7 +15,9 @@ RUN_YAMLS = sorted(
     p
     for d in ("model", "experiment", "debug", "recipe")
     for p in (ROOT / "configs" / d).glob("*.yaml")
+    if not p.name.endswith("_eval.yaml")
 )
+EVAL_YAMLS = sorted((ROOT / "configs" / "experiment").glob("*_eval.yaml"))
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -29,6 +31,15 @@ def flat(d: dict, prefix: str = "") -> dict:
         else:
             out[name] = value
     return out
+
+
+@pytest.mark.parametrize("path", EVAL_YAMLS, ids=[p.stem for p in EVAL_YAMLS])
+def test_shipped_eval_yamls_load_and_hold_only_differences(path):
+    load_eval_config([str(path)], [])
+    defaults = flat(yaml.safe_load((ROOT / "configs" / "eval.yaml").read_text()))
+    same = {k: v for k, v in flat(yaml.safe_load(path.read_text())).items()
+            if k in defaults and defaults[k] == v}  # fmt: skip
+    assert not same, f"{path.name} repeats defaults: {same}"
 
 
 def test_generated_files_are_current():
@@ -50,7 +61,7 @@ def test_print_config_shows_the_resolved_command_line(capsys):
     assert run_cli(lambda a: pytest.fail("ran"), argv, load=load_run_config) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["attention"] == "dense" and printed["run_dir"] == "runs/demo"
-    assert printed["trainer"]["max_steps"] == 300 and printed["optim"]["warmup_steps"] == 10
+    assert printed["trainer"]["max_steps"] == 300 and printed["optim"]["warmup_steps"] == 30
     argv = ["checkpoints=[a.ckpt]", "context_lengths=[64]", "--print-config"]
     assert run_cli(lambda a: pytest.fail("ran"), argv, load=load_eval_config) == 0
     assert yaml.safe_load(capsys.readouterr().out)["split"] == "auto"

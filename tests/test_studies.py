@@ -56,7 +56,7 @@ def micro_table2(corpus, path):
 def test_table2_configs_build_on_meta(scale, capsys):
     paper_table2.main(["--scale", scale, "--dry-run"])
     out = capsys.readouterr().out
-    assert out.count("plan: ") == {"recipe": 14, "tiny": 5, "paper": 7}[scale]  # recipe: stages
+    assert out.count("plan: ") == {"recipe": 8, "tiny": 5, "paper": 7}[scale]  # recipe: stages
     assert "sparse_transformer_8192" in out
 
 
@@ -121,6 +121,48 @@ def test_a_curriculum_stage_comes_before_each_run_and_counts_in_its_cost(corpus,
         merged[0].train["train_seconds"] == 21.0
         and merged[0].train["stage"]["train_seconds"] == 10.0
     )
+
+
+def test_a_shared_stage_comes_before_every_run_once(corpus, tmp_path):
+    config = micro_table2(corpus, tmp_path / "study.yaml")
+    spec = yaml.safe_load(config.read_text())
+    spec["curriculum"] = {"seq_len": 8, "steps": 3, "shared": True}
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "study"
+    runs = paper_table2.plan(load_study(config, Table2Spec), [], out)
+    assert [(r.name, r.stage) for r in runs] == [
+        ("transformer_16.8", study.SHARED),
+        ("transformer_16", None),
+        ("sparse_transformer_32", None),
+        ("longnet_32", None),
+    ]
+    stage = str(out / "transformer_16.8" / "checkpoints" / "last.ckpt")
+    assert all(r.cfg.init_from == stage for r in runs[1:])
+    for shard in ("0/2", "1/2"):  # each process needs it (train_run's lock: it trains once)
+        assert study.select(runs, None, shard, config)[0].name == "transformer_16.8"
+    finished = [study.FinishedRun(r, {"train_seconds": 10.0}, {}) for r in runs]
+    assert [r.train["train_seconds"] for r in study.without_stages(finished)] == [10.0] * 3
+    assert "one 3-step stage at 8 tokens" in study.curriculum_text(
+        load_study(config, Table2Spec), finished[:1]
+    )
+
+
+def test_train_run_waits_for_another_process_training_the_same_run(tmp_path, monkeypatch):
+    """Two shards needing one shared stage: the second blocks on the lock, then skips it."""
+    import fcntl
+    import threading
+
+    calls = []
+    monkeypatch.setattr(study, "_train_run", lambda d, a: calls.append(d) or {"steps": 1})
+    with open(tmp_path / ".stage.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process holds it
+        t = threading.Thread(target=study.train_run, args=(tmp_path / "stage", []))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and not calls  # waiting
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        t.join(5)
+    assert calls == [tmp_path / "stage"]
 
 
 def test_table2_bad_study(corpus, tmp_path):

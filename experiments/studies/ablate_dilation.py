@@ -85,12 +85,13 @@ def plan(spec: AblationSpec, extra: list[str] = (), out=None, args=None) -> list
     """One run per schedule, the same model, length and tokens (checked), each after its
     curriculum stage if the study has one (runner.staged)."""
     out = Path(out) if out is not None else runner.ROOT / "runs" / spec.name
-    runs = []
-    for name, (w, r) in schedules(spec).items():
+    runs, named = [], schedules(spec)
+    for name, (w, r) in named.items():
         argv = [str(runner.ROOT / spec.model), *spec.train, "model.attention=dilated",
                 f"model.segment_lengths={w}", f"model.dilation_rates={r}"]  # fmt: skip
         runs += runner.staged(spec, name, argv, spec.seq_len, spec.steps, extra, out,
-                              summary=f"w={w} r={r}", facts={"w": w, "r": r})  # fmt: skip
+                              first=next(iter(named)), summary=f"w={w} r={r}",
+                              facts={"w": w, "r": r})  # fmt: skip
     return runs
 
 

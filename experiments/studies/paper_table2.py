@@ -50,8 +50,9 @@ def plan(spec: Table2Spec, extra: list[str] = (), out=None, args=None) -> list[R
             block, summary = match_dilated(w, r, run.seq_len, n_head)
             argv += [f"model.sparse_block={block}", f"model.sparse_summary={summary}"]
         facts = {"model": run.model, "seq_len": run.seq_len, "batch": batch}
+        first = f"{spec.runs[0].model}_{spec.runs[0].seq_len}"
         runs += runner.staged(spec, f"{run.model}_{run.seq_len}", argv, run.seq_len, spec.steps,
-                              extra, out, facts=facts)  # fmt: skip
+                              extra, out, first=first, facts=facts)  # fmt: skip
     for run in runs:
         m = run.cfg.model
         run.summary = f"batch {run.cfg.data.batch_size} x {run.cfg.data.seq_len}, " + {

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import time
@@ -40,6 +41,7 @@ from settings.loading import ConfigError, load_run_config, split_argv
 from settings.schema import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
+SHARED = "*"  # the ``stage`` of a shared curriculum stage: it comes before every run
 
 
 @dataclass
@@ -134,7 +136,7 @@ def main(study: Study, argv: list[str] | None = None) -> dict:
 
 def select(runs: list[Run], only: list[str] | None, shard: str | None, source) -> list[Run]:
     """The runs ``--only`` names (all without it), then every N-th of them (``--shard I/N``);
-    a curriculum stage goes with its run. An unknown name is an error."""
+    a curriculum stage goes with its run, a shared one with any. An unknown name is an error."""
     names = [r.name for r in runs]
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
@@ -142,7 +144,7 @@ def select(runs: list[Run], only: list[str] | None, shard: str | None, source) -
     wanted = [r.name for r in runs if r.stage is None and (not only or r.name in only)]
     if shard:
         wanted = wanted[shard_slice(shard)]
-    return [r for r in runs if (r.stage or r.name) in wanted]
+    return [r for r in runs if (r.stage or r.name) in wanted or (r.stage == SHARED and wanted)]
 
 
 def shard_slice(text: str) -> slice:
@@ -189,14 +191,17 @@ def staged(
     out: Path,
     make: Callable[..., Run] = checked_run,
     quick: bool = False,
+    first: str | None = None,
     **info,
 ) -> list[Run]:
     """The runs that train ``name`` at ``seq_len`` for ``steps`` (``argv``: its train.py
     arguments but length, batch and steps). With the study's ``curriculum``, a short stage
     ``<name>.<length>`` comes first (its ``stage`` the run's name; the curriculum's length and
     steps, the same tokens per batch, then the curriculum's own overrides) and the run starts
-    from its weights (``init_from``: the optimizer, schedule and data start afresh). Without
-    one, the run alone. ``make(name, argv, **info)`` checks each."""
+    from its weights (``init_from``: the optimizer, schedule and data start afresh). A
+    ``shared`` curriculum has one stage, the study's ``first`` run's (its ``stage`` is
+    :data:`SHARED`: it goes with every run), and every run starts from it. Without a
+    curriculum, the run alone. ``make(name, argv, **info)`` checks each."""
     per, curriculum, runs, init = spec.tokens_per_batch, spec.curriculum, [], []
     if curriculum is not None:
         short = curriculum.seq_len
@@ -205,10 +210,15 @@ def staged(
             if quick and curriculum.quick_steps is not None
             else curriculum.steps
         )
-        warm = f"{name}.{short}"
-        runs.append(make(warm, [*argv, f"data.seq_len={short}", f"data.batch_size={per // short}",
-                                f"trainer.max_steps={n}", *curriculum.train, *extra],
-                         stage=name, summary=f"{short}-token stage of {name}"))  # fmt: skip
+        owner = first if curriculum.shared and first is not None else name
+        warm = f"{owner}.{short}"
+        if owner == name:
+            runs.append(make(warm, [*argv, f"data.seq_len={short}",
+                                    f"data.batch_size={per // short}", f"trainer.max_steps={n}",
+                                    *curriculum.train, *extra],
+                             stage=SHARED if curriculum.shared else name,
+                             summary=f"{short}-token stage of "
+                                     f"{'every run' if curriculum.shared else name}"))  # fmt: skip
         init = [f"init_from={out / warm / 'checkpoints' / 'last.ckpt'}"]
     runs.append(make(name, [*argv, f"data.seq_len={seq_len}", f"data.batch_size={per // seq_len}",
                             f"trainer.max_steps={steps}", *init, *extra], **info))  # fmt: skip
@@ -237,12 +247,25 @@ def curriculum_text(spec, stages: list[FinishedRun]) -> str:
         return ""
     steps = ", ".join(str(s) for s in sorted({r.run.cfg.trainer.get("max_steps") for r in stages}))
     overrides = " ".join(spec.curriculum.train)
+    if spec.curriculum.shared:
+        return (f", each starting from the weights of one {steps}-step stage at "
+                f"{spec.curriculum.seq_len} tokens ({overrides}; {stages[0].name}, "
+                f"{stages[0].train['train_seconds']:.0f} s)")  # fmt: skip
     return (f", each after {steps} steps at {spec.curriculum.seq_len} tokens ({overrides}) "
             "whose weights it starts from")  # fmt: skip
 
 
 def train_run(run_dir: Path, argv: list[str]) -> dict:
     """Trains one run unless ``done.json`` says it finished; returns what done.json holds."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as lock:
+        # two processes of one study (--shard) may both need a shared stage: the second
+        # waits here for the first to finish it, then finds done.json
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train_run(run_dir, argv)
+
+
+def _train_run(run_dir: Path, argv: list[str]) -> dict:
     done = run_dir / "done.json"
     if done.exists():
         say(f"{run_dir.name}: finished before, skipped")

@@ -59,6 +59,7 @@ class Curriculum:
     steps: int = MISSING  # ... for this many steps
     quick_steps: int | None = None  # with --quick (default: steps)
     train: list[str] = field(default_factory=list)  # train.py overrides of the stage
+    shared: bool = False  # one stage (the first run's) that every run starts from
 
 
 @dataclass
