@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from data.datamodule import LongContextDataModule
@@ -20,7 +19,7 @@ from lightning_modules.nonfinite import NonFiniteGuard
 from lightning_modules.throughput import Throughput
 from models.positional import check_xpos_range
 from models.transformer import ModelConfig, TransformerLM
-from pipeline.checkpoints import AtomicCheckpointIO, load_weights, resolve_resume
+from pipeline.checkpoints import AtomicCheckpointIO, StepCheckpoint, load_weights, resolve_resume
 from pipeline.preemption import Preemption
 from pipeline.progress import LineProgressBar
 from settings.loading import ConfigError, to_yaml
@@ -89,7 +88,7 @@ def callbacks(cfg: RunConfig) -> list[L.Callback]:
     diverged step (optim.nonfinite), throughput logs, saving and stopping on a signal,
     progress."""
     return [
-        ModelCheckpoint(
+        StepCheckpoint(
             dirpath=checkpoint_dir(cfg),
             save_last=True,
             save_top_k=-1,

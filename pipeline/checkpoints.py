@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_modules.lm import FORMAT, FORMAT_KEY
@@ -228,3 +229,22 @@ def resolve_resume(resume: str | None, directory: Path, run_dir: str) -> str | N
     elif skipped:
         log.warning("resume=auto uses %s instead", best)
     return str(best) if best else None
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint every ``checkpoint.every_n_steps``, and at the last step too.
+
+    Lightning writes ``last.ckpt`` when it writes a periodic checkpoint; a run whose
+    ``max_steps`` is not a multiple of the period ended with ``last.ckpt`` one partial period
+    old (800 steps, every 250: the weights of step 750), so eval.py scored, ``init_from``
+    started from and ``resume=auto`` continued from weights that were not the run's last.
+    After the final step this writes the step file and ``last.ckpt`` unless that step was
+    saved already (a preemption's save, or a multiple of the period)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self._should_skip_saving_checkpoint(trainer) or trainer.global_step == 0:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)

@@ -110,6 +110,16 @@ def test_existing_run_is_not_overwritten(tiny_args, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+def test_the_last_step_is_saved_when_it_is_not_a_multiple_of_the_period(tiny_args, tmp_path):
+    """800 steps with checkpoints every 250 used to end with last.ckpt at step 750."""
+    run = tmp_path / "run"
+    train(tiny_args(run, "trainer.max_steps=6", "checkpoint.every_n_steps=4"))
+    files = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert files == ["last.ckpt", "step0000004.ckpt", "step0000006.ckpt"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 6
+
+
 def test_init_from_copies_weights_only(tiny_args, tmp_path):
     """A curriculum stage: weights from another run, everything else afresh; a resumed run keeps
     its own weights; a model of another shape is refused, naming the tensors."""
