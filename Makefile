@@ -1,5 +1,5 @@
-# make demo: train a tiny LongNet on the stdlib corpus (~5 min on 2 cores); make test: the fast
-# CPU test suite; make lint: ruff; make bench: the attention benchmark.
+# make demo: train a tiny LongNet on the stdlib corpus in two stages (~6 min on 2 cores), then
+# eval.py; make test: the fast CPU test suite; make lint: ruff; make bench: the attention benchmark.
 # The virtual environment is made on first use and refreshed when the dependency files change.
 PYTHON ?= python3
 VENV := .venv
@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) train.py configs/experiment/demo.yaml
-	$(PY) eval.py checkpoints=[runs/demo/checkpoints/last.ckpt] split=val \
-		context_lengths=[2048,4096,8192,16384] max_tokens_per_document=16384 out_dir=runs/demo/eval
-	@echo "demo outputs: runs/demo (checkpoints/, logs/, tensorboard/, config.yaml, tokenizer.json, eval/)"
+	$(PY) train.py configs/experiment/demo.yaml configs/experiment/demo_stage.yaml
+	$(PY) train.py configs/experiment/demo.yaml init_from=runs/demo_stage/checkpoints/last.ckpt
+	$(PY) eval.py configs/experiment/demo_eval.yaml
+	@echo "demo outputs: runs/demo_stage (first stage), runs/demo (checkpoints/, logs/, config.yaml, tokenizer.json, eval/)"
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"
@@ -53,8 +53,12 @@ table2: $(STAMP)
 	$(PY) -m experiments.studies.paper_table2 --threads 1 --shard 1/2; b=$$?; \
 	wait $$a && test $$b = 0 && $(PY) -m experiments.studies.paper_table2
 
+# the dilation ablation with the copying recipe: two one-thread processes, then the table
+ABLATE = $(PY) -m experiments.studies.ablate_dilation --config configs/study/ablate_dilation_recipe.yaml
 ablate: $(STAMP)
-	$(PY) -m experiments.studies.ablate_dilation --config configs/study/ablate_dilation_tiny.yaml
+	$(ABLATE) --threads 1 --shard 0/2 & a=$$!; \
+	$(ABLATE) --threads 1 --shard 1/2; b=$$?; \
+	wait $$a && test $$b = 0 && $(ABLATE)
 
 throughput: $(STAMP)
 	$(PY) -m experiments.bench.throughput

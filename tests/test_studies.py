@@ -312,6 +312,7 @@ def test_long_range_micro_end_to_end_and_resume(tmp_path, capsys):
 SCHEMAS = {
     "paper_table2_tiny": "Table2Spec",
     "paper_table2_recipe": "Table2Spec",
+    "ablate_dilation_recipe": "AblationSpec",
     "paper_table2_paper": "Table2Spec",
     "ablate_dilation_tiny": "AblationSpec",
     "long_range_tiny": "LongRangeSpec",
