@@ -1,4 +1,5 @@
-"""Writes configs/default.yaml and configs/eval.yaml from the schema, with each field's comment.
+"""Writes configs/default.yaml, configs/eval.yaml and configs/generate.yaml from the schema,
+with each field's comment.
 
     python -m settings.generate          # rewrite them
     python -m settings.generate --check  # exit 1 if they differ from the schema (tests do)
@@ -18,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from data.config import DataConfig
-from settings.schema import TRAINER_DEFAULTS, EvalConfig, EvalData, RunConfig
+from settings.schema import TRAINER_DEFAULTS, EvalConfig, EvalData, GenerateConfig, RunConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 COMMENT_COLUMN = 30
@@ -32,6 +33,11 @@ HEADERS = {
     ),
     "eval.yaml": (
         "# Every key of eval.py, with its default and meaning.\n"
+        "# GENERATED from settings/schema.py by `python -m settings.generate`: edit the schema.\n"
+        "# Same rules as train.py: these defaults, then YAML files, then key=value.\n"
+    ),
+    "generate.yaml": (
+        "# Every key of generate.py, with its default and meaning.\n"
         "# GENERATED from settings/schema.py by `python -m settings.generate`: edit the schema.\n"
         "# Same rules as train.py: these defaults, then YAML files, then key=value.\n"
     ),
@@ -81,15 +87,23 @@ def render(obj, indent: int = 0) -> list[str]:
     return lines
 
 
+def unchecked_defaults(cls: type):
+    """An instance of ``cls`` holding its defaults, without its checks (no checkpoint yet)."""
+    obj = cls.__new__(cls)
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        setattr(obj, f.name, default)
+    return obj
+
+
 def generated() -> dict[str, str]:
     run = RunConfig()
-    evaluation = EvalConfig.__new__(EvalConfig)  # the defaults, unchecked (no checkpoints yet)
-    for f in fields(EvalConfig):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        setattr(evaluation, f.name, default)
+    evaluation = unchecked_defaults(EvalConfig)
+    generation = unchecked_defaults(GenerateConfig)
     return {
         "default.yaml": HEADERS["default.yaml"] + "\n" + "\n".join(render(run)) + "\n",
         "eval.yaml": HEADERS["eval.yaml"] + "\n" + "\n".join(render(evaluation)) + "\n",
+        "generate.yaml": HEADERS["generate.yaml"] + "\n" + "\n".join(render(generation)) + "\n",
     }
 
 

@@ -168,3 +168,47 @@ class EvalConfig:
             raise ValueError(
                 f"context_parallel={P} must be >= 1 and divide every context length {lengths}"
             )
+
+
+@dataclass
+class GenerateConfig:
+    """``python generate.py checkpoint=PATH prompt="..." [YAML ...] [key=value ...]``: samples
+    continuations of a prompt from a checkpoint, with its own tokenizer (exact cached decoding:
+    models/decoding.py)."""
+
+    checkpoint: str | None = None  # e.g. runs/demo/checkpoints/last.ckpt (required)
+    prompt: str | None = None  # the text to continue (this or prompt_file)
+    prompt_file: str | None = None  # a UTF-8 file holding the prompt; -: standard input
+    max_new_tokens: int = 200  # tokens generated per sample
+    temperature: float = 0.8  # 0: greedy (the most likely token every time)
+    top_k: int | None = None  # sample among the k most likely tokens only (null: all)
+    top_p: float = 1.0  # nucleus: the fewest likeliest tokens holding this mass (1: all)
+    seed: int = 1234  # seeds the sampling: the same seed, the same samples
+    num_samples: int = 1  # continuations of the prompt, decoded together as one batch
+    stop_at_eos: bool = True  # a sample ends at the end-of-document token
+    prefill_chunk: int | None = None  # prompt tokens per prefill chunk (null: all at once)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    stream: bool = True  # print the first sample as its tokens arrive (the others at the end)
+    out: str | None = None  # JSON of the samples, tokens/s and provenance (null: not written)
+
+    def __post_init__(self):
+        if not self.checkpoint:
+            raise ValueError(f"checkpoint=PATH is required, got {self.checkpoint!r}")
+        if (self.prompt is None) == (self.prompt_file is None):
+            raise ValueError(
+                "give exactly one of prompt=TEXT and prompt_file=PATH (- for stdin), got "
+                f"prompt={self.prompt!r}, prompt_file={self.prompt_file!r}"
+            )
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("prompt must not be empty, got ''")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("top_k", "prefill_chunk"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or null, got {value}")
+        for name in ("max_new_tokens", "num_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
