@@ -299,6 +299,9 @@ class DilatedCache:
             for w, r in pairs
         ]
         self.offsets = [torch.arange(n_head, device=like.device) % r for _, r in pairs]  # (H,)
+        # per pair and offset c: the heads that keep it, as indices (no host sync on GPUs)
+        self.heads = [[(o == c).nonzero().squeeze(1) for c in range(r)]
+                      for o, (_, r) in zip(self.offsets, pairs, strict=True)]  # fmt: skip
 
     def tensors(self):
         return [t for c in self.caches for t in c.tensors()]
@@ -319,12 +322,13 @@ class DilatedCache:
 
     def step(self, q, k, v, p):
         parts = []
-        for (w, r), cache, offsets in zip(self.pairs, self.caches, self.offsets, strict=True):
+        for i, ((w, r), cache) in enumerate(zip(self.pairs, self.caches, strict=True)):
             j, c = divmod(p % w, r)  # row and offset of p in its segment
-            heads = offsets == c  # (H,): the heads that keep p (none when c >= n_head)
+            heads = self.heads[i][c]  # the heads that keep p (none when c >= n_head)
             cache.k[:, heads, j], cache.v[:, heads, j] = k[:, 0, heads], v[:, 0, heads]
             rows = torch.arange(cache.k.shape[2], device=q.device)
-            parts.append((cache.k, cache.v, heads[:, None] & (rows <= j)[None, :]))  # (H, rows)
+            valid = (self.offsets[i] == c)[:, None] & (rows <= j)[None, :]  # (H, rows)
+            parts.append((cache.k, cache.v, valid))
         return _union_attention(q[:, 0], parts, self.scale).unsqueeze(1)
 
 

@@ -201,3 +201,14 @@ def test_refuses_what_it_cannot_decode_exactly():
 def test_bad_sampling_arguments_are_named(kw, match):
     with pytest.raises(DecodeError, match=match):
         generate(model_of("dense"), tokens_of(1, 3), 2, **kw)
+
+
+def test_decode_benchmark_runs_on_tiny_sizes(tmp_path):
+    """experiments/bench/decode.py end to end at two tiny contexts (its numbers are not
+    asserted: tests never assert a time); the cache it reports is the formula's."""
+    from experiments.bench import decode
+
+    rows = decode.main(["--sizes", "16", "40", "--new", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "decode.csv").exists() and len(rows) == 3 * 2
+    dense = [r["cache_mib"] for r in rows if r["model"] == "transformer_tiny"]
+    assert dense[1] > dense[0]  # dense grows with the context
