@@ -120,3 +120,38 @@ def test_print_config_shows_the_resolved_command_line(capsys):
                      load=load_generate_config)  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0 and "top_k: 5" in out and "checkpoint: a.ckpt" in out
+
+
+@pytest.fixture(scope="module")
+def recall_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recall")
+    recall = ["data.source=recall", "data.seq_len=64", "data.batch_size=4", "data.num_workers=0",
+              "model.segment_lengths=[16,32]", "model.dilation_rates=[1,2]"]  # fmt: skip
+    train(tiny_run(root, root / "run", "trainer.max_steps=8", *recall))
+    return str(root / "run" / "checkpoints" / "last.ckpt")
+
+
+def test_recall_by_greedy_generation_agrees_with_teacher_forcing(recall_ckpt):
+    """The answers generated after ``ASK k`` are the ones the teacher-forced probe marks
+    correct, query by query, at the training length and twice it (beyond every segment)."""
+    from pipeline import recall_generation, recall_probe
+
+    model = load_checked(recall_ckpt, {}, False, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    forced = recall_probe.score(model, [64, 128], None, 6, 4096, cpu)
+    generated = recall_generation.score(model, [64, 128], None, 6, 3, cpu)
+    assert [(r["length"], r["distance"], r["queries"], r["correct"]) for r in forced] == [
+        (r["length"], r["distance"], r["queries"], r["correct"]) for r in generated
+    ]
+    assert sum(r["queries"] for r in generated) > 0
+    from data.batch import scored
+    from data.recall import RecallSet, RecallTask
+
+    data = RecallSet(RecallTask.of(model.data), model.data.seed, "test", 4, 128, distance=32)
+    inputs = torch.stack([data[i]["input_ids"] for i in range(4)])
+    labels = torch.stack([data[i]["labels"] for i in range(4)])
+    keep = scored(labels)
+    with torch.no_grad():
+        teacher = model.net(inputs).argmax(-1)
+    answers = recall_generation.generated_answers(model.net, inputs, labels)
+    assert torch.equal(answers[keep], teacher[keep])
