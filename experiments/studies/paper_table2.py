@@ -122,7 +122,10 @@ def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -
         line_plot(out / "prompting.png", prompting, "prompt length (tokens)",
                   "mean NLL of the same final tokens", f"{spec.name}: prompting curve")  # fmt: skip
         plots.append("prompting.png")
-    results_json = {"runs": [r.row() for r in results], "lengths": lengths}
+    results_json = {
+        "runs": [r.row(attn_tflop=attention_tflop(spec, r)) for r in results],
+        "lengths": lengths,
+    }
     return runner.write_report(out, text, results_json, plots)
 
 

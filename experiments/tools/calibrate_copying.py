@@ -58,6 +58,7 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--position", default="rope")
     p.add_argument("--init", default="torch")
     p.add_argument("--tie", action="store_true", help="tie the output layer to the embedding")
+    p.add_argument("--embed-std", type=float, help="then re-draw the input embedding at this std")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-head", type=int, default=4)
@@ -155,7 +156,10 @@ def build(args, vocab_size: int) -> TransformerLM:
         segment_lengths=[int(x) for x in args.segments.split(",")],
         dilation_rates=[int(x) for x in args.rates.split(",")],
     )  # fmt: skip
-    return TransformerLM(cfg)
+    net = TransformerLM(cfg)
+    if args.embed_std is not None:  # which part of an init matters: the embedding's scale alone
+        torch.nn.init.normal_(net.embed.weight, std=args.embed_std)
+    return net
 
 
 def restore(out: Path, net, opt, load: str | None) -> tuple[int, int, float]:
