@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from models.attention.backends import resolve_backend
-from models.attention.dilated import dilated_attention
+from models.attention.dilated import check_coverage, dilated_attention
 from models.attention.mixing import Call, chunked, contiguous_block, mixed_attention, plan
 from models.attention.sliding import blockwise_attention, local_calls, sliding_window_attention
 from models.attention.sparse import _summaries
@@ -373,6 +373,12 @@ class Decoder:
                 raise DecodeError(
                     f"cannot decode {total} positions (prompt plus max_new_tokens) exactly: {err}"
                 ) from None
+        if cfg.attention == "dilated":  # stretch_last: the schedule at `total` may leave gaps
+            pairs = tuple(zip(*schedule_at(cfg, total), strict=True))
+            try:
+                check_coverage(pairs, cfg.n_head, total)
+            except ValueError as err:
+                raise DecodeError(f"cannot decode {total} positions: {err}") from None
         like = model.lm_head.weight
         self.model, self.batch, self.total, self.position = model, batch, total, 0
         self.caches = [make_cache(cfg, batch, total, like) for _ in model.blocks]
@@ -383,9 +389,11 @@ class Decoder:
         return sum(t.nbytes for c in self.caches for t in c.tensors())
 
     def _check(self, tokens: torch.Tensor, n: int) -> None:
-        if tokens.dim() != 2 or tokens.shape[0] != self.batch or tokens.dtype != torch.int64:
+        integer = tokens.dtype in (torch.int64, torch.int32)
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch or not integer:
             raise DecodeError(
-                f"tokens must be int64 ({self.batch}, n), got {tuple(tokens.shape)} {tokens.dtype}"
+                f"tokens must be int64 or int32 ({self.batch}, n), got {tuple(tokens.shape)} "
+                f"{tokens.dtype}"
             )
         if self.position + n > self.total:
             raise DecodeError(

@@ -179,6 +179,17 @@ def test_refuses_what_it_cannot_decode_exactly():
         ModelConfig(**{**SMALL, **ATTENTIONS["dilated"], "xpos_scale_base": 1.0})
     )
     Decoder(dilated, 1, 10_000)  # anchored per largest segment: fine at any length
+    stretched = TransformerLM(
+        ModelConfig(
+            **{**SMALL, "n_layer": 1, "d_model": 24},
+            n_head=3,
+            segment_lengths=[5],
+            dilation_rates=[1],
+            stretch_last=True,
+        )  # fmt: skip
+    )  # at 135 tokens its one pair is (135, 27): heads 0-2 see 3 of 27 offsets
+    with pytest.raises(DecodeError, match="cannot decode 135 positions: .* attending nothing"):
+        Decoder(stretched, 1, 135)  # the full forward refuses it too
     decoder = Decoder(model_of("dense"), 1, 6)
     with pytest.raises(DecodeError, match="step needs a prefilled prompt"):
         decoder.step(tokens_of(1, 1)[:, 0])
