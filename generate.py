@@ -114,6 +114,8 @@ def continuation(tokens: list[int], eos_id: int | None) -> tuple[list[int], bool
 
 def main(argv: list[str] | GenerateConfig) -> dict:
     cfg = argv if isinstance(argv, GenerateConfig) else load_generate_config(*split_argv(argv))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is available; use device=auto or cpu")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     text = read_prompt(cfg)
@@ -125,7 +127,7 @@ def main(argv: list[str] | GenerateConfig) -> dict:
     stream = Stream(tokenizer, 0, eos_id) if cfg.stream else None
     generator = torch.Generator(device).manual_seed(cfg.seed)
     if stream is not None:
-        print(text, end="", flush=True)
+        print(("--- sample 0 ---\n" if cfg.num_samples > 1 else "") + text, end="", flush=True)
     try:
         out = generate(model.net, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                        cfg.top_p, generator, eos_id, cfg.prefill_chunk, stream)  # fmt: skip

@@ -50,9 +50,11 @@ def test_the_first_sample_streams_and_every_sample_is_printed(ckpt, capsys):
     result = main(args(ckpt, "num_samples=3", "stop_at_eos=false"))
     out = capsys.readouterr().out
     texts = [s["text"] for s in result["samples"]]
-    assert out.startswith(PROMPT + texts[0] + "\n")
+    assert out.startswith(f"--- sample 0 ---\n{PROMPT}{texts[0]}\n")
     for i in (1, 2):
         assert f"--- sample {i} ---\n{PROMPT}{texts[i]}\n" in out
+    single = main(args(ckpt, "stop_at_eos=false"))
+    assert capsys.readouterr().out == PROMPT + single["samples"][0]["text"] + "\n"
 
 
 def test_seeded_samples_are_reproducible_and_the_json_says_tokens_per_second(ckpt, tmp_path):
