@@ -23,7 +23,8 @@ import torch
 from tokenizers import Tokenizer
 
 from data.corpus import EOD
-from models.decoding import DecodeError, generate
+from models.decoding import DecodeError
+from models.generation import generate
 from pipeline.provenance import write_results
 from pipeline.scoring import load_checked
 from settings.cli import run_cli

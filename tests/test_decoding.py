@@ -1,21 +1,15 @@
-"""models/decoding.py: prefill + token-by-token decoding gives the full forward's logits at every
-position (the full forward is the reference twin), for every attention and position type;
-chunked prefill, batches, seeded sampling, the cache's size, and what is refused."""
+"""models/decoding.py and models/generation.py: prefill + token-by-token decoding gives the
+full forward's logits at every position (the full forward is the reference twin), for every
+attention and position type; chunked prefill, batches, seeded sampling, the cache's size, and
+what is refused."""
 
 import math
 
 import pytest
 import torch
 
-from models.decoding import (
-    DecodeError,
-    Decoder,
-    cache_bytes,
-    cache_rows,
-    generate,
-    prefill_unit,
-    sample,
-)
+from models.decoding import DecodeError, Decoder, cache_bytes, cache_rows, prefill_unit
+from models.generation import generate, sample
 from models.transformer import ModelConfig, TransformerLM
 
 SMALL = dict(vocab_size=50, d_model=32, n_layer=2, d_ff=64, xpos_scale_base=32.0)
