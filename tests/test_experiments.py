@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from experiments.bench import attention_scaling, model_cost
+from experiments.bench import attention_scaling, data_throughput, model_cost
 from pipeline.provenance import rows_of
 
 
@@ -115,3 +115,14 @@ def test_long_sequence_estimate_splits_what_each_mode_keeps():
     table = estimate(rows, "longnet_tiny", ["longnet_tiny"], 24e9, 512)
     longest = [int(line.split("|")[6].strip()[:-1]) for line in table.splitlines()[2:]]
     assert longest == sorted(longest)  # plain, chunked, saving, sublayer: longer each time
+
+
+def test_data_throughput_micro_writes_its_file(corpus, tmp_path, capsys):
+    data_throughput.main(["--source", "text_dir", "--path", str(corpus / "corpus"),
+                          "--cache-dir", str(corpus / "cache"), "--vocab-size", "300",
+                          "--workers", "0", "--seq-len", "16", "--batch-size", "2",
+                          "--batches", "3", "--out", str(tmp_path)])  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "data_throughput.csv").read_text().splitlines()))
+    assert [int(r["workers"]) for r in rows] == [0] and float(rows[0]["tokens_per_s"]) > 0
+    assert (tmp_path / "data_throughput.meta.json").exists()
+    assert "| workers | seq_len |" in capsys.readouterr().out

@@ -4,17 +4,21 @@
     python -m experiments.bench.data_throughput --workers 0 1 2 --seq-len 8192 --batch-size 4
 
 Prepares the corpus first (a one-off: trains the tokenizer and fills the token cache, and says
-how long that took), then times --batches batches per setting after a warm-up, and prints a
-markdown table.
+how long that took), then times --batches batches per setting after a warm-up, prints a
+markdown table and writes experiments/results/data_throughput/data_throughput.csv (with its
+provenance record beside it).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from data.config import DataConfig
 from data.datamodule import LongContextDataModule
+from experiments.bench.measure import RESULTS
+from pipeline.provenance import write_results
 
 
 def measure(cfg: DataConfig, batches: int) -> float:
@@ -38,6 +42,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--cache-dir", default=".cache/data")
+    p.add_argument("--out", type=Path, default=RESULTS / "data_throughput")
     args = p.parse_args(argv)
     base = dict(
         source=args.source,
@@ -57,9 +62,15 @@ def main(argv=None):
         flush=True,
     )
     print("| workers | seq_len | batch | tokens/s |\n|---|---|---|---|")
+    rows = []
     for w in args.workers:
         rate = measure(DataConfig(**base, num_workers=w), args.batches)
         print(f"| {w} | {args.seq_len} | {args.batch_size} | {rate:,.0f} |", flush=True)
+        rows.append({"source": args.source, "vocab_size": meta["vocab_size"], "workers": w,
+                     "seq_len": args.seq_len, "batch_size": args.batch_size,
+                     "batches": args.batches, "tokens_per_s": round(rate)})  # fmt: skip
+    path = write_results(args.out / "data_throughput.csv", rows)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
