@@ -7,8 +7,9 @@ Defaults and rules: configs/eval.yaml (generated from settings/schema.py). Metho
 pipeline/scoring.py (stated in every output). Writes ppl_vs_context.{csv,json,png},
 prompting.{csv,png}, positions.csv, documents.csv and repeated_span.{csv,png} into out_dir
 (checkpoints of data.source=recall: recall.{csv,json}, recall_accuracy.png and
-recall_heatmap.png, answer accuracy by distance instead), all at once at the end, so a failed
-run leaves an existing out_dir untouched.
+recall_heatmap.png, answer accuracy by distance instead; recall_by_generation=true adds that of
+answers decoded greedily, beside it), all at once at the end, so a failed run leaves an
+existing out_dir untouched.
 """
 
 import sys

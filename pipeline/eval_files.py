@@ -37,7 +37,9 @@ def write_recall(results: list[sc.Result], models, out_dir: Path) -> None:
     tmp = staging(out_dir)
     written = recall_probe.write(rows, models, tmp)
     _move(tmp, out_dir)
-    print("answer accuracy by record-to-query distance (held-out test stream)")
+    both = any("generated_accuracy" in row for row in rows)
+    print("answer accuracy by record-to-query distance (held-out test stream)"
+          + (": teacher-forced / generated greedily" if both else ""))  # fmt: skip
     print(recall_probe.table(rows))
     print(f"wrote {out_dir}/" + ", ".join(written))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import recall_probe, span_probe
+from pipeline import recall_generation, recall_probe, span_probe
 from pipeline import scoring as sc
 from pipeline.eval_files import write_outputs, write_recall
 from pipeline.progress import Progress
@@ -58,6 +58,11 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
             recall_probe.say_reach(model.name, model.net.config, lengths[-1])
     if _recall_only(models, group, cfg):
         return evaluate_recall(models, lengths, cfg, device)
+    if cfg.recall_by_generation:  # before any work: a language model has no answers to decode
+        raise ConfigError(
+            "recall_by_generation=true scores recall checkpoints (data.source=recall) only; "
+            f"got language models {[m.name for m in models]} (set it false, the default)"
+        )
     names = [split_for(m, cfg.split) for m in models]
     splits = [sc.corpus_split(m, s) for m, s in zip(models, names, strict=True)]
     docs = [sc.check_lengths(s, lengths, n) for s, n in zip(splits, names, strict=True)]
@@ -114,12 +119,18 @@ def _score_all(models, splits, docs, names, lengths, cfg: EvalConfig, device, fi
 
 def evaluate_recall(models, lengths, cfg: EvalConfig, device) -> list[sc.Result]:
     """Answer accuracy by (length, distance) of recall checkpoints (pipeline/recall_probe.py),
-    written into out_dir all at once; each model's rows in its Result's ``recall``."""
+    and with ``recall_by_generation`` that of greedily generated answers beside it
+    (pipeline/recall_generation.py), written into out_dir all at once; each model's rows in
+    its Result's ``recall``."""
     results = []
     for model in models:
         log.info("%s: recall accuracy at lengths %s", model.name, lengths)
         rows = recall_probe.score(model, lengths, cfg.distances, cfg.recall_sequences,
                                   cfg.batch_tokens, device)  # fmt: skip
+        if cfg.recall_by_generation:
+            log.info("%s: recall by greedy generation on the same sequences", model.name)
+            recall_generation.add_generated(rows, model, cfg.recall_sequences,
+                                            cfg.batch_tokens, device)  # fmt: skip
         results.append(sc.Result(model.label, recall=rows))
     write_recall(results, models, Path(cfg.out_dir))
     return results

@@ -95,9 +95,15 @@ def score(model, lengths: list[int], distances, count: int, batch_tokens: int, d
     return rows
 
 
+# the columns the probe by generation adds (eval.py recall_by_generation=true)
+GENERATED = ["generated_correct", "generated_accuracy"]
+
+
 def write(rows: list[dict], models, out_dir: Path) -> list[str]:
-    """recall.csv, recall.json, recall_accuracy.png, recall_heatmap.png into ``out_dir``."""
-    names = ["model", "length", "distance", "queries", "correct", "accuracy", "nll", "note"]
+    """recall.csv, recall.json, recall_accuracy.png, recall_heatmap.png into ``out_dir``; the
+    generated-answer columns (pipeline/recall_generation.py) beside the accuracy when scored."""
+    names = ["model", "length", "distance", "queries", "correct", "accuracy"]
+    names += [k for k in GENERATED if any(k in r for r in rows)] + ["nll", "note"]
     with open(out_dir / "recall.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=names)
         w.writeheader()
@@ -183,8 +189,18 @@ def heatmap(rows, models, path: Path) -> None:
     plt.close(fig)
 
 
+def _cell(row: dict) -> str:
+    """The accuracy, and the generated answers' after a slash when scored."""
+    if row["note"]:
+        return row["note"]
+    if "generated_accuracy" in row:
+        return f"{row['accuracy']:.2f} / {row['generated_accuracy']:.2f}"
+    return f"{row['accuracy']:.2f}"
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown: accuracy by distance (columns) for each (model, length)."""
+    """Markdown: accuracy by distance (columns) for each (model, length); with the probe by
+    generation, ``teacher-forced / generated`` in each cell."""
     from pipeline.display import markdown_table
 
     dists = sorted({r["distance"] for r in rows})
@@ -193,6 +209,6 @@ def table(rows: list[dict]) -> str:
     for name, length in keys:
         by_d = {r["distance"]: r for r in rows if (r["model"], r["length"]) == (name, length)}
         cells.append([name, str(length)] + [
-            (by_d[d]["note"] or f"{by_d[d]['accuracy']:.2f}") if d in by_d else "" for d in dists
+            _cell(by_d[d]) if d in by_d else "" for d in dists
         ])  # fmt: skip
     return markdown_table(["model", "L"] + [f"d={d}" for d in dists], cells)

@@ -129,6 +129,7 @@ class EvalConfig:
     span_distances: list[int] | None = None  # repeated-span probe: copy distances (null: 2^k)
     recall_sequences: int = 32  # recall checkpoints: held-out sequences per (length, distance)
     distances: list[int] | None = None  # recall: record-to-query distances; null: 16, 32, ...
+    recall_by_generation: bool = False  # recall: also answers decoded greedily (same sequences)
     data: EvalData = field(default_factory=EvalData)  # another corpus to score (null: own)
 
     def __post_init__(self):
