@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick gpu-check context-parallel long-sequence longrange table2 ablate throughput report clean
+.PHONY: demo test test-slow lint format bench bench-quick gpu-check context-parallel long-sequence decode longrange table2 ablate throughput report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,11 @@ longrange: $(STAMP)
 # one training step of the tiny LongNet at 32K-1M tokens, memory savers off and on (#13)
 long-sequence: $(STAMP)
 	$(PY) -m experiments.bench.long_sequence
+
+# decoding cost against context, tiny LongNet (fixed and stretched last segment) against the
+# tiny dense Transformer, batch 1: prefill s, decode tokens/s, cache MiB at 1K-64K (#25)
+decode: $(STAMP)
+	$(PY) -m experiments.bench.decode
 
 # every results table of README.md and experiments/README.md, from experiments/results/
 # (`python -m experiments.report --check` says what differs; tests/test_report.py runs it)
