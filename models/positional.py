@@ -29,11 +29,13 @@ _MAX_LOG_SCALE = 80.0
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
-    """cos, sin ``(N, D/2)`` in float64, so that angles at 1M positions keep their precision."""
+    """cos, sin ``(..., D/2)`` for ``positions (...)`` (``(N,)``, or ``(B, N)`` when rows
+    differ: positions inside documents), in float64, so that angles at 1M positions keep their
+    precision."""
     if head_dim % 2:
         raise ValueError(f"rotary positions need an even head dimension, got {head_dim}")
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)
     return angles.cos(), angles.sin()
 
 
@@ -63,7 +65,8 @@ def _rotate_halves(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: floa
     """Rotation by the tables' angles (``sign=1``) or its inverse (``sign=-1``), in x's dtype;
     arithmetic in ``_work_dtype(x)``."""
     dtype, h = _work_dtype(x), x.shape[-1] // 2
-    c, s = c.to(dtype)[None, :, None, :], s.to(dtype)[None, :, None, :]  # (1, N, 1, D/2)
+    # (N, D/2) -> (N, 1, D/2), or (B, N, D/2) -> (B, N, 1, D/2): broadcast over heads
+    c, s = c.to(dtype).unsqueeze(-2), s.to(dtype).unsqueeze(-2)
     x1, x2 = x[..., :h].to(dtype), x[..., h:].to(dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     torch.mul(x1, c, out=out[..., :h]).addcmul_(x2, s, value=-sign)
@@ -88,19 +91,26 @@ def xpos_zeta(head_dim: int) -> torch.Tensor:
     return (torch.arange(0, head_dim, 2, dtype=torch.float64) + 0.4 * head_dim) / (1.4 * head_dim)
 
 
-def anchor_offsets(positions: torch.Tensor, anchor: int | None, total: int | None = None):
+def anchor_offsets(positions: torch.Tensor, anchor: int | None, total=None):
     """``p - a(p)`` in float64: a(p) is the centre of p's anchor block (blocks of ``anchor``
     positions, the last one cut at the end of the sequence), or of the whole sequence.
 
     ``total``: the whole sequence is ``0 .. total - 1`` and ``positions`` may be a slice of it
-    (context parallelism): every rank then finds the same centres. None: ``positions`` is the
-    whole sequence."""
+    (context parallelism): every rank then finds the same centres. A tensor of ``positions``'
+    shape: each position's own sequence length (positions inside packed documents, each
+    anchored as the document alone is). None: ``positions`` is the whole sequence."""
     p = positions.to(torch.float64)
-    lo, hi = (p.min(), p.max()) if total is None else (0.0, float(total - 1))
+    if total is None:
+        lo, hi = p.min(), p.max()
+    elif isinstance(total, torch.Tensor):
+        lo, hi = 0.0, total.to(torch.float64) - 1
+    else:
+        lo, hi = 0.0, float(total - 1)
     if anchor is None:
         return p - (lo + hi) / 2
     start = torch.div(positions, anchor, rounding_mode="floor").to(torch.float64) * anchor
-    end = torch.clamp(start + anchor - 1, max=hi)
+    end = start + anchor - 1
+    end = torch.minimum(end, hi) if isinstance(total, torch.Tensor) else torch.clamp(end, max=hi)
     return p - (torch.clamp(start, min=lo) + end) / 2
 
 
@@ -135,9 +145,12 @@ def xpos_log_scale(positions, head_dim: int, scale_base: float, anchor: int | No
     ``positions (N,)`` (of a sequence of ``total``, default N); q is scaled by its exp, k by the
     exp of its negation. Raises if that would overflow float32 (checked on the host, without
     reading ``positions``)."""
-    check_xpos_range(total or positions.numel(), head_dim, scale_base, anchor)
+    if isinstance(total, torch.Tensor):  # per-document lengths: none exceeds the row
+        check_xpos_range(positions.shape[-1], head_dim, scale_base, anchor)
+    else:
+        check_xpos_range(total or positions.numel(), head_dim, scale_base, anchor)
     offsets = anchor_offsets(positions, anchor, total)
-    return offsets[:, None] / scale_base * xpos_zeta(head_dim).log().to(positions.device)
+    return offsets[..., None] / scale_base * xpos_zeta(head_dim).log().to(positions.device)
 
 
 def apply_xpos(q, k, positions, scale_base: float = 512.0, anchor: int | None = None, total=None):

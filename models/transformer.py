@@ -31,7 +31,13 @@ from models.attention.dilated import (
     unattended_offsets,
     validate_schedule,
 )
-from models.attention.sliding import blockwise_attention, check_window, sliding_window_attention
+from models.attention.documents import Documents
+from models.attention.sliding import (
+    block_causal_attention,
+    blockwise_attention,
+    check_window,
+    sliding_window_attention,
+)
 from models.attention.sparse import (
     check_pattern,
     dilated_keys_per_query,
@@ -144,15 +150,20 @@ class ModelConfig:
 @dataclass(frozen=True)
 class Slice:
     """Where a forward's tokens sit: global ``positions (N,)`` in a sequence of ``total``,
-    and the process group holding the other slices (None: the tokens are the whole sequence)."""
+    and the process group holding the other slices (None: the tokens are the whole sequence).
+    With ``documents`` packed in the rows, ``positions`` and ``total`` are ``(B, N)``: each
+    token's position inside its document and that document's length."""
 
     positions: torch.Tensor
-    total: int
+    total: int | torch.Tensor
     group: object = None
+    documents: Documents | None = None
 
     @classmethod
-    def of(cls, tokens: torch.Tensor, group=None) -> Slice:
+    def of(cls, tokens: torch.Tensor, group=None, documents: Documents | None = None) -> Slice:
         n = tokens.shape[1]
+        if documents is not None:
+            return cls(documents.positions(), documents.token_lengths(), None, documents)
         if group is None or dist.get_world_size(group) == 1:
             return cls(torch.arange(n, device=tokens.device), n)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -174,11 +185,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, where: Slice) -> torch.Tensor:
         """``x (B, N, C) -> (B, N, C)``."""
         q, k, v = self.project(x, where.positions, where.total)
-        return self.output(self.attend(q, k, v, where.group))
+        return self.output(self.attend(q, k, v, where.group, where.documents))
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor, total: int):
-        """``x (B, n, C)`` at ``positions (n,)`` of a sequence of ``total`` -> q, k, v
-        ``(B, n, H, Dh)``, positions applied; token-wise."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor, total):
+        """``x (B, n, C)`` at ``positions (n,)`` of a sequence of ``total`` (or ``(B, n)``
+        each, inside documents: ``Slice``) -> q, k, v ``(B, n, H, Dh)``, positions applied;
+        token-wise."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_head, self.head_dim).unbind(2)  # (B,N,H,Dh)
         if self.cfg.position == "xpos":
@@ -193,20 +205,23 @@ class Attention(nn.Module):
         """``y (B, n, H, Dh) -> (B, n, C)``: Sub-LN and the output projection; token-wise."""
         return self.out_proj(self.inner_norm(y.flatten(2)))
 
-    def attend(self, q, k, v, group=None):
-        """(B, N, H, Dh) x3 -> (B, N, H, Dh), causal; with ``group``, N is this rank's slice."""
-        cfg = self.cfg
+    def attend(self, q, k, v, group=None, documents: Documents | None = None):
+        """(B, N, H, Dh) x3 -> (B, N, H, Dh), causal; with ``group``, N is this rank's slice;
+        with ``documents``, each document's tokens attend inside it (``documents.py``)."""
+        cfg, docs = self.cfg, documents
         if cfg.attention == "dilated":
             if cfg.stretch_last and group is not None:
                 raise ValueError("model.stretch_last is not supported with context parallelism")
             segments, rates = schedule_at(cfg, q.shape[1])
-            return dilated_attention(q, k, v, segments, rates, group=group)
+            return dilated_attention(q, k, v, segments, rates, group=group, documents=docs)
         if cfg.attention == "sparse":
-            return sparse_attention(q, k, v, cfg.sparse_block, cfg.sparse_summary)
+            return sparse_attention(q, k, v, cfg.sparse_block, cfg.sparse_summary, documents=docs)
         if cfg.attention == "sliding":
-            return sliding_window_attention(q, k, v, cfg.window)
+            return sliding_window_attention(q, k, v, cfg.window, documents=docs)
         if cfg.blockwise is not None:
-            return blockwise_attention(q, k, v, cfg.blockwise)
+            return blockwise_attention(q, k, v, cfg.blockwise, documents=docs)
+        if docs is not None:
+            return block_causal_attention(q, k, v, docs)
         if q.is_cuda and flash_unsupported(q) is None:
             from flash_attn import flash_attn_func  # pads head_dim itself
 
@@ -330,20 +345,23 @@ class TransformerLM(nn.Module):
                     for lin in (block.attn.out_proj, block.ffn.fc2):
                         lin.weight.mul_(1 / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, tokens: torch.Tensor, group=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, group=None, documents=None) -> torch.Tensor:
         """``tokens (B, N) -> logits (B, N, vocab)``. With ``group`` (a process group of P
         ranks), ``tokens`` is this rank's slice of a sequence of P * N tokens split in rank
         order (context parallelism, dilated attention only): positions are global and the
-        attention exchanges keys and values with the other ranks."""
-        return self.lm_head(self.hidden(tokens, group))
+        attention exchanges keys and values with the other ranks. With ``documents``
+        (``cu_seqlens (n_docs + 1,)`` over the B*N tokens, or a ``Documents``), each document
+        packed in the rows gets exactly the logits it gets alone (docs/design.md)."""
+        return self.lm_head(self.hidden(tokens, group, documents))
 
-    def where(self, tokens: torch.Tensor, group=None) -> Slice:
+    def where(self, tokens: torch.Tensor, group=None, documents=None) -> Slice:
         """Checks ``tokens (B, N)`` and says where they sit in the whole sequence."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens must be (B, N) int64, got {tuple(tokens.shape)} {tokens.dtype}"
             )
-        where = Slice.of(tokens, group)
+        docs = self._documents(tokens, group, documents)
+        where = Slice.of(tokens, group, docs)
         if where.group is not None and self.config.attention != "dilated":
             raise ValueError(
                 "a sequence split across ranks needs attention='dilated', got "
@@ -351,14 +369,29 @@ class TransformerLM(nn.Module):
             )
         return where
 
-    def hidden(self, tokens: torch.Tensor, group=None) -> torch.Tensor:
+    def _documents(self, tokens, group, documents) -> Documents | None:
+        """The checked documents, or None for none or one per row (the unmasked forward)."""
+        if documents is None:
+            return None
+        if group is not None and dist.get_world_size(group) > 1:
+            raise ValueError("documents with a sequence split across ranks are not built")
+        if self.config.attention == "dilated" and self.config.stretch_last:
+            raise ValueError(
+                "documents with model.stretch_last are not built: each document would need its "
+                "own stretched schedule; use stretch_last=false"
+            )
+        docs = Documents.of(documents, *tokens.shape, tokens.device)
+        return None if docs.whole_rows else docs
+
+    def hidden(self, tokens: torch.Tensor, group=None, documents=None) -> torch.Tensor:
         """The final normalised hidden states ``(B, N, d_model)``: what the output layer reads
         (a chunked loss, ``models/loss.py``, takes them with ``lm_head.weight``). With
         ``checkpointing="layer"`` only block inputs are kept and each block's forward runs again
         in the backward; with ``"sublayer"`` the input of each residual branch is kept and one
         branch at a time is recomputed (less memory, the same extra compute). The same dropout
-        masks either way (non-reentrant checkpoint, RNG state restored)."""
-        where = self.where(tokens, group)
+        masks either way (non-reentrant checkpoint, RNG state restored). ``documents``: as in
+        :meth:`forward`."""
+        where = self.where(tokens, group, documents)
         x = self.drop(self.embed(tokens))
         mode = self.config.checkpointing if torch.is_grad_enabled() else "none"
         for block in self.blocks:

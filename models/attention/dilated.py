@@ -33,7 +33,9 @@ from torch import nn
 
 from models.attention import distributed
 from models.attention.backends import BACKENDS, resolve_backend
+from models.attention.documents import Documents, segment_calls
 from models.attention.mixing import Call, Plan, StridedBlock, chunked, mixed_attention, plan
+from models.attention.varlen import VarlenPlan, varlen_attention, varlen_plan
 
 # Construction-time coverage check looks at one full period of the pattern, if it is this short.
 _MAX_PERIOD_CHECKED = 2**22
@@ -224,6 +226,7 @@ def dilated_attention(
     scale: float | None = None,
     backend: str = "auto",
     group=None,
+    documents=None,
 ) -> torch.Tensor:
     """Dilated attention of ``q, k, v`` ``(B, N, H, D)``; returns ``(B, N, H, D)`` in q's dtype.
 
@@ -235,7 +238,19 @@ def dilated_attention(
     split: q, k, v are then this rank's slice ``(B, N/P, H, D)`` (consecutive slices in
     group-rank order) and the result is this rank's slice of the output on the whole sequence
     (``distributed.py``). Every rank must make the same call.
+
+    ``documents``: boundaries of documents packed in the rows (``cu_seqlens`` or a
+    ``documents.Documents``); each document then gets exactly what it gets alone, segments and
+    offsets counted from its start (causal only; not with ``group``).
     """
+    if documents is not None:
+        docs = _documents(q, k, v, documents, causal, group)
+        if not docs.whole_rows:
+            return varlen_attention(
+                dilated_document_plan(
+                    q, k, v, segment_lengths, dilation_rates, docs, scale, backend
+                )  # fmt: skip
+            )
     return mixed_attention(
         dilated_plan(q, k, v, segment_lengths, dilation_rates, causal, scale, backend, group)
     )
@@ -258,6 +273,33 @@ def dilated_plan(
     # a first pair with r = 1 keeps every (position, head): accumulators need no initialising
     covers_all = pairs[0][1] == 1
     return plan(q, [(k, v)], calls, covers_all=covers_all, scale=scale, backend=backend)
+
+
+def _documents(q, k, v, documents, causal, group) -> Documents:
+    _check_qkv(q, k, v)
+    if not causal:
+        raise ValueError("documents need causal=True: bidirectional attention is not built")
+    if group is not None and dist.get_world_size(group) > 1:
+        raise ValueError("documents with a sequence split across ranks (group) are not built")
+    return Documents.of(documents, q.shape[0], q.shape[1], q.device)
+
+
+def dilated_document_plan(
+    q, k, v, segment_lengths, dilation_rates, documents, scale=None, backend="auto"
+) -> VarlenPlan:
+    """The gathered kernel calls of :func:`dilated_attention` on packed documents: every pair
+    cut from each document's start (``documents.segment_calls``), not yet run."""
+    pairs = validate_schedule(segment_lengths, dilation_rates)
+    _check_qkv(q, k, v)
+    B, N, H, D = q.shape
+    docs = Documents.of(documents, B, N, q.device)
+    check_coverage(pairs, H, docs.longest)  # offsets count from each document's start
+    build = lambda: [  # noqa: E731
+        call for i, (w, r) in enumerate(pairs) for call in segment_calls(docs, w, r, H, i == 0)
+    ]
+    calls = docs.cached(("dilated", pairs, H), build)
+    scale, backend = _check_scale(scale, D), resolve_backend(backend, q)
+    return varlen_plan(q, k, v, calls, scale=scale, backend=backend)
 
 
 def _distributed_plan(q, k, v, pairs, causal, scale, backend, group) -> Plan:

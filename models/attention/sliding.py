@@ -15,7 +15,9 @@ import math
 import torch
 
 from models.attention.backends import resolve_backend
+from models.attention.documents import Documents, previous_calls, segment_calls
 from models.attention.mixing import Call, Plan, chunked, contiguous_block, mixed_attention, plan
+from models.attention.varlen import VarlenPlan, varlen_attention, varlen_plan
 
 
 def check_window(window: int) -> int:
@@ -86,20 +88,58 @@ def chunked_plan(q, k, v, chunk, *, sliding: bool, scale=None, backend="auto") -
     return plan(q, [(k, v)], calls, covers_all=True, scale=scale, backend=backend)
 
 
-def sliding_window_attention(
-    q, k, v, window: int, scale: float | None = None, backend: str = "auto"
-) -> torch.Tensor:
-    """Causal sliding-window attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``."""
+def chunked_document_plan(
+    q, k, v, chunk, docs, *, sliding: bool, scale=None, backend="auto"
+) -> VarlenPlan:
+    """:func:`chunked_plan` on packed documents: chunks counted from each document's start,
+    the previous chunk only inside the same document. ``chunk=None``: the whole document
+    (dense block-causal attention)."""
+    B, N, H, D = q.shape
+    docs = Documents.of(docs, B, N, q.device)
+    chunk = docs.longest if chunk is None else check_window(chunk)
+    build = lambda: [  # noqa: E731
+        *segment_calls(docs, chunk, 1, H, first=True),
+        *previous_calls(docs, chunk, H, sliding),
+    ]
+    calls = docs.cached(("chunked", chunk, sliding, H), build)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    return varlen_plan(q, k, v, calls, scale=scale, backend=resolve_backend(backend, q))
+
+
+def _run(q, k, v, chunk, sliding: bool, scale, backend, documents) -> torch.Tensor:
+    if chunk is None and documents is None:  # block-causal without documents: causal
+        chunk = q.shape[1]
+    if documents is not None:
+        docs = Documents.of(documents, q.shape[0], q.shape[1], q.device)
+        if not docs.whole_rows or chunk is None:
+            plan_ = chunked_document_plan(q, k, v, chunk, docs, sliding=sliding, scale=scale,
+                                          backend=backend)  # fmt: skip
+            return varlen_attention(plan_)
     return mixed_attention(
-        chunked_plan(q, k, v, window, sliding=True, scale=scale, backend=backend)
+        chunked_plan(q, k, v, chunk, sliding=sliding, scale=scale, backend=backend)
     )
+
+
+def sliding_window_attention(
+    q, k, v, window: int, scale: float | None = None, backend: str = "auto", documents=None
+) -> torch.Tensor:
+    """Causal sliding-window attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``.
+    ``documents`` (``cu_seqlens`` or a ``Documents``): windows inside each document only."""
+    return _run(q, k, v, window, True, scale, backend, documents)
 
 
 def blockwise_attention(
-    q, k, v, block: int, scale: float | None = None, backend: str = "auto"
+    q, k, v, block: int, scale: float | None = None, backend: str = "auto", documents=None
 ) -> torch.Tensor:
     """Blockwise causal attention (Sun et al., 2022, used to run a dense model beyond its
-    training length): queries of block t attend causally inside block t and all of block t-1."""
-    return mixed_attention(
-        chunked_plan(q, k, v, block, sliding=False, scale=scale, backend=backend)
-    )
+    training length): queries of block t attend causally inside block t and all of block t-1
+    (with ``documents``: blocks counted from each document's start, inside it)."""
+    return _run(q, k, v, block, False, scale, backend, documents)
+
+
+def block_causal_attention(
+    q, k, v, documents, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Dense causal attention inside each document of ``documents`` (``cu_seqlens`` or a
+    ``Documents``): the document mask of dense attention, ``(B, N, H, D)``."""
+    return _run(q, k, v, None, False, scale, backend, documents)

@@ -18,8 +18,10 @@ from collections.abc import Sequence
 import torch
 
 from models.attention.backends import resolve_backend
+from models.attention.documents import Documents, segment_calls, summary_calls
 from models.attention.mixing import Call, Plan, chunked, contiguous_block, mixed_attention, plan
 from models.attention.sliding import local_calls
+from models.attention.varlen import VarlenPlan, varlen_attention, varlen_plan
 
 
 def check_pattern(block: int, summary: int) -> tuple[int, int]:
@@ -47,9 +49,30 @@ def sparse_attention(
     summary: int,
     scale: float | None = None,
     backend: str = "auto",
+    documents=None,
 ) -> torch.Tensor:
-    """Fixed-pattern causal sparse attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``."""
+    """Fixed-pattern causal sparse attention on ``(B, N, H, D)``; returns ``(B, N, H, D)``.
+    ``documents`` (``cu_seqlens`` or a ``Documents``): blocks counted from each document's
+    start, summaries of its own earlier blocks only."""
+    if documents is not None:
+        docs = Documents.of(documents, q.shape[0], q.shape[1], q.device)
+        if not docs.whole_rows:
+            return varlen_attention(sparse_document_plan(q, k, v, block, summary, docs, scale,
+                                                         backend))  # fmt: skip
     return mixed_attention(sparse_plan(q, k, v, block, summary, scale, backend))
+
+
+def sparse_document_plan(q, k, v, block, summary, docs, scale=None, backend="auto") -> VarlenPlan:
+    """The gathered kernel calls of :func:`sparse_attention` on the documents ``docs``."""
+    block, summary = check_pattern(block, summary)
+    H, D = q.shape[2], q.shape[3]
+    build = lambda: [  # noqa: E731
+        *segment_calls(docs, block, 1, H, first=True),
+        *summary_calls(docs, block, summary, H),
+    ]
+    calls = docs.cached(("sparse", block, summary, H), build)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    return varlen_plan(q, k, v, calls, scale=scale, backend=resolve_backend(backend, q))
 
 
 def sparse_plan(q, k, v, block, summary, scale=None, backend="auto") -> Plan:
