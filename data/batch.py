@@ -8,7 +8,11 @@ A batch is a dict:
   where that target is not scored. A language-model window scores every target; a task
   (``data.source=recall``) scores only its answers. The loss, perplexity and accuracy are
   taken over the scored targets alone: this is the only way a source says what is scored;
-- ``index``: which window or sequence of the source each row is (named in warnings).
+- ``index``: which window or sequence of the source each row is (named in warnings);
+- ``document_starts`` ``(B, N)`` bool, only with ``data.document_mask=true``: True where a
+  document starts (a row's first token, and every end-of-document input, which begins the
+  next document); attention then stays inside each document (docs/design.md, "Documents
+  inside packed windows"). Per-token flags, so that windows collate as they are.
 
 The ignore index lives here, at the bottom of the dependency order, because both sides need
 it and ``data/`` imports neither ``models/`` nor ``lightning_modules/`` (docs/design.md).

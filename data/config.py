@@ -31,6 +31,7 @@ class DataConfig:
     val_fraction: float = 0.05  # of documents, assigned by a hash of the document's name
     test_fraction: float = 0.05  # of documents, likewise
     seed: int = 1234  # order of training windows
+    document_mask: bool = False  # attention stays inside each document of a packed window
     copy_fraction: float = 0.0  # training windows replaced by a random sequence repeated
     copy_alphabet: int = 512  # copy: drawn from this many most frequent train tokens
     recall_keys: int = 128  # recall: distinct keys (a sequence uses each at most once)
@@ -69,6 +70,11 @@ class DataConfig:
         if not _is_int(self.copy_alphabet) or self.copy_alphabet < 2:
             raise ValueError(
                 f"data.copy_alphabet must be an integer >= 2, got {self.copy_alphabet!r}"
+            )
+        if self.source == "recall" and self.document_mask:
+            raise ValueError(
+                "data.document_mask applies to text sources (stdlib_code, text_dir, hf), whose "
+                "windows pack documents; data.source='recall' has one sequence per window"
             )
         if self.source == "recall" and self.copy_fraction > 0:
             raise ValueError(

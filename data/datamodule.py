@@ -85,6 +85,7 @@ class LongContextDataModule(L.LightningDataModule):
             world_size,
             skip_batches=self.batches_consumed,
             copy=self.copy_mix(),
+            document_eod=self.corpus.eod if cfg.document_mask else None,
         )
 
     def copy_mix(self) -> CopyMix | None:

@@ -8,6 +8,10 @@ its own disjoint slice of that order, and a DataLoader takes batches from its wo
 so batch b of a rank is batch ``b // W`` of worker ``b % W``: after ``n`` batches a resumed
 loader makes each worker skip exactly its share, in O(1) because any window is an offset.
 
+With ``document_eod`` (``data.document_mask``), each training window also carries
+``document_starts``: a document starts at its first token and at every end-of-document input
+(the EOD that ends one document begins the next), so that the model attends inside documents.
+
 Evaluation (``DocumentWindows``): disjoint windows of L + 1 tokens that never leave their
 document; a document shorter than L + 1 tokens gives none.
 """
@@ -30,6 +34,8 @@ class PackedWindows(IterableDataset):
     ``batch_size`` and ``num_workers`` must be those of the DataLoader that iterates it.
     ``copy``: replaces a fraction of the windows by repeated random sequences
     (data/copying.py); which ones depends on (seed, epoch, index) only, so resume stays exact.
+    ``document_eod``: the end-of-document token, to yield ``document_starts`` (data/batch.py);
+    a repeated-sequence window is one document.
     """
 
     def __init__(
@@ -43,8 +49,9 @@ class PackedWindows(IterableDataset):
         world_size: int = 1,
         skip_batches: int = 0,
         copy: CopyMix | None = None,
+        document_eod: int | None = None,
     ):
-        self.copy = copy
+        self.copy, self.document_eod = copy, document_eod
         self.split, self.tokens, self.seq_len, self.seed = split, split.tokens, seq_len, seed
         self.n_windows = (len(split.tokens) - 1) // seq_len
         if self.n_windows < 1:
@@ -80,13 +87,15 @@ class PackedWindows(IterableDataset):
             chunk = self.tokens[start : start + self.seq_len + 1].astype(np.int64)
             chunk = torch.from_numpy(chunk)
             inputs, labels = chunk[:-1], chunk[1:]
-        return {
-            "input_ids": inputs,
-            "labels": labels,
-            "index": int(i),
-            "doc": doc,
-            "offset": offset,
-        }
+        window = {"input_ids": inputs, "labels": labels, "index": int(i), "doc": doc,
+                  "offset": offset}  # fmt: skip
+        if self.document_eod is not None:
+            starts = torch.zeros(self.seq_len, dtype=torch.bool)
+            if replaced is None:
+                starts = inputs == self.document_eod
+            starts[0] = True
+            window["document_starts"] = starts
+        return window
 
     def __iter__(self):
         info = get_worker_info()

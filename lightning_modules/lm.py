@@ -25,12 +25,20 @@ from lightning_modules.context_parallel import (
     make_context_group,
 )
 from lightning_modules.optim import OptimConfig, adamw_with_schedule
+from models.attention.documents import Documents
 from models.loss import check_chunk, chunked_nll
 from models.transformer import ModelConfig, TransformerLM
 
 # every checkpoint carries this key (on_save_checkpoint); a checkpoint with another number was
 # written by an incompatible version and is refused (pipeline/checkpoints.py)
 FORMAT_KEY, FORMAT = "longnet_lightning_format", 1
+
+
+def _documents(batch: dict) -> Documents | None:
+    """The documents packed in the batch's windows (``data.document_mask=true``: the batch
+    carries ``document_starts``, data/batch.py), or None: attention across them."""
+    starts = batch.get("document_starts")
+    return None if starts is None else Documents.from_starts(starts)
 
 
 class CausalLM(L.LightningModule):
@@ -75,7 +83,8 @@ class CausalLM(L.LightningModule):
         rank's slice of the window: NLL in float32, 0 where the target is not scored."""
         inputs = local_slice(batch["input_ids"], self.context_group)
         labels = local_slice(batch["labels"], self.context_group).flatten()
-        hidden = self.model.hidden(inputs, group=self.context_group).flatten(0, 1)  # (T, C)
+        docs = _documents(batch)  # refused with context_parallel > 1 (settings/schema.py)
+        hidden = self.model.hidden(inputs, self.context_group, docs).flatten(0, 1)  # (T, C)
         keep = scored(labels)
         # no T x V logits: the loss runs in chunks; an unscored target is read as token 0 and
         # its NLL zeroed (a mask, not a gather: no host sync, and no copy of every row)

@@ -87,6 +87,22 @@ class RunConfig:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} must be a multiple of context_parallel={P}"
             )
+        self._check_documents()
+
+    def _check_documents(self) -> None:
+        """data.document_mask: attention inside documents, on one process per window."""
+        if not self.data.document_mask:
+            return
+        if self.context_parallel > 1:
+            raise ValueError(
+                f"data.document_mask=true with context_parallel={self.context_parallel} is not "
+                "built (documents crossing ranks); use context_parallel=1 or document_mask=false"
+            )
+        if self.model.attention == "dilated" and self.model.stretch_last:
+            raise ValueError(
+                "data.document_mask=true with model.stretch_last=true is not built (each "
+                "document would need its own stretched schedule); set one of them false"
+            )
 
 
 # eval.py's data section: the corpus settings of DataConfig, each null to keep the checkpoint's

@@ -14,6 +14,9 @@ import math
 import pytest
 import torch
 
+from data.config import DataConfig
+from data.datamodule import LongContextDataModule
+from lightning_modules.lm import CausalLM
 from models.attention.dilated import dilated_attention
 from models.attention.documents import Documents, ladder
 from models.attention.sliding import (
@@ -23,6 +26,8 @@ from models.attention.sliding import (
 )
 from models.attention.sparse import sparse_attention
 from models.transformer import ModelConfig, TransformerLM
+from pipeline.training import train
+from settings.schema import RunConfig
 from tests.support.references import (
     blockwise_mask,
     dilated_attention_ref,
@@ -245,3 +250,75 @@ def test_model_refuses_documents_with_a_stretched_schedule():
     tokens = torch.zeros(1, N, dtype=torch.int64)
     with pytest.raises(ValueError, match="stretch_last"):
         model(tokens, documents=cu_seqlens([[30, 34]]))
+
+
+# ----------------------------------------------------------------------------------------------
+# data.document_mask: windows carry their boundaries, the LightningModule passes them
+
+
+def tiny_data(corpus, **kw) -> DataConfig:
+    """The tiny run's data settings (configs/debug/tiny.yaml), sharing its token cache."""
+    base = dict(source="text_dir", path=str(corpus / "corpus"), cache_dir=str(corpus / "cache"),
+                glob="*.txt", vocab_size=300, seq_len=32, batch_size=2, num_workers=0,
+                val_fraction=0.2, test_fraction=0.2)  # fmt: skip
+    return DataConfig(**{**base, **kw})
+
+
+def test_packed_windows_start_documents_at_end_of_document_inputs(corpus):
+    data = LongContextDataModule(tiny_data(corpus, document_mask=True))
+    data.setup()
+    eod = data.corpus.eod
+    batches = iter(data.train_dataloader())
+    seen = 0
+    for _ in range(20):
+        batch = next(batches)
+        starts, inputs = batch["document_starts"], batch["input_ids"]
+        assert starts.dtype == torch.bool and starts.shape == inputs.shape
+        assert starts[:, 0].all()
+        assert torch.equal(starts[:, 1:], inputs[:, 1:] == eod)
+        seen += int(starts[:, 1:].sum())
+    assert seen > 0  # the tiny corpus's documents are shorter than a few windows
+    plain = next(iter(LongContextDataModule(tiny_data(corpus)).train_dataloader()))
+    assert "document_starts" not in plain
+
+
+def test_the_module_passes_the_documents(corpus):
+    data = LongContextDataModule(tiny_data(corpus, document_mask=True))
+    batch = next(iter(data.train_dataloader()))
+    model = dict(vocab_size=data.vocab_size, d_model=32, n_layer=2, n_head=4, d_ff=64,
+                 segment_lengths=[8, 16], dilation_rates=[1, 2])  # fmt: skip
+    module = CausalLM(model).eval()
+    with torch.no_grad():
+        masked = module._scored(batch)[0]
+        plain = module._scored({k: v for k, v in batch.items() if k != "document_starts"})[0]
+        docs = Documents.from_starts(batch["document_starts"])
+        logits = module.model(batch["input_ids"], documents=docs).flatten(0, 1)
+    expected = torch.nn.functional.cross_entropy(
+        logits, batch["labels"].flatten(), reduction="none"
+    )
+    torch.testing.assert_close(masked, expected, atol=1e-5, rtol=1e-5)
+    assert batch["document_starts"][:, 1:].any() and not torch.allclose(masked, plain)
+
+
+def test_training_smoke_with_document_mask(tiny_args, tmp_path):
+    run = tmp_path / "documents"
+    trainer = train(tiny_args(run, "data.document_mask=true", "trainer.max_steps=3"))
+    assert trainer.global_step == 3 and (run / "checkpoints" / "last.ckpt").exists()
+    assert trainer.callback_metrics["train/loss"].isfinite()
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(context_parallel=2), "context_parallel=2 is not built"),
+        (dict(model=ModelConfig(stretch_last=True)), "stretch_last=true is not built"),
+    ],
+)
+def test_document_mask_refused_where_not_built(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig(data=DataConfig(document_mask=True), **kw)
+
+
+def test_document_mask_needs_a_text_source():
+    with pytest.raises(ValueError, match="document_mask applies to text sources"):
+        DataConfig(source="recall", document_mask=True, vocab_size=512)
