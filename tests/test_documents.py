@@ -9,6 +9,7 @@ several segments of every pair; rows with different boundaries; fp32 outputs wit
 q/k/v gradients within 1e-4; one document per row equals today's unmasked forward.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -17,17 +18,20 @@ import torch
 from data.config import DataConfig
 from data.datamodule import LongContextDataModule
 from lightning_modules.lm import CausalLM
-from models.attention.dilated import dilated_attention
+from models.attention.dilated import dilated_attention, dilated_document_plan
 from models.attention.documents import Documents, ladder
 from models.attention.sliding import (
     block_causal_attention,
     blockwise_attention,
+    chunked_document_plan,
     sliding_window_attention,
 )
 from models.attention.sparse import sparse_attention
+from models.attention.varlen import varlen_backward, varlen_forward
 from models.transformer import ModelConfig, TransformerLM
 from pipeline.training import train
 from settings.schema import RunConfig
+from tests.support import flash_attn_standin
 from tests.support.references import (
     blockwise_mask,
     dilated_attention_ref,
@@ -134,8 +138,6 @@ def test_many_short_documents_take_few_kernel_calls():
     lengths = lengths[: int((lengths.cumsum(0) <= 2048).sum())].tolist()
     rows = [[*lengths, 2048 - sum(lengths)]]
     docs = Documents.of(cu_seqlens(rows, 2048), 1, 2048, torch.device("cpu"))
-    from models.attention.dilated import dilated_document_plan
-
     q = torch.randn(1, 2048, 4, 8)
     plan = dilated_document_plan(q, q, q, [8, 32, 128], [1, 2, 4], docs)
     assert len(lengths) > 200 and len(plan.calls) <= 3 * 2 * 8
@@ -322,3 +324,32 @@ def test_document_mask_refused_where_not_built(kw, message):
 def test_document_mask_needs_a_text_source():
     with pytest.raises(ValueError, match="document_mask applies to text sources"):
         DataConfig(source="recall", document_mask=True, vocab_size=512)
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA kernels' glue through the gathered pieces: flash-attn stand-ins on CPU tensors
+
+
+@pytest.mark.parametrize("version", ["2.5.0", "2.6.3", "2.8.3"])
+@pytest.mark.parametrize("pattern", ["dilated", "sliding"])
+def test_flash_glue_gives_the_document_numbers(version, pattern):
+    """Padded pieces through each flash-attn interface (its LSE layouts, head_dim padding, the
+    pad's +inf LSE in its backward) equal the same plan on plain matmuls; the sliding pattern's
+    masked calls go to torch's kernel, as without documents."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(2, N, 4, 20, generator=gen).bfloat16() for _ in range(4))
+    docs = Documents.of(cu_seqlens(ROWS), 2, N, q.device)
+    if pattern == "dilated":
+        reference = dilated_document_plan(q, k, v, [4, 8, 16], [1, 2, 4], docs, backend="math")
+    else:
+        reference = chunked_document_plan(q, k, v, 6, docs, sliding=True, backend="math")
+    out_ref, lse_ref = varlen_forward(reference)
+    grads_ref = varlen_backward(reference, dout, out_ref, lse_ref)
+    with flash_attn_standin.installed(version, allow_cpu=True):
+        flash = dataclasses.replace(reference, backend="flash")
+        out, lse = varlen_forward(flash)
+        grads = varlen_backward(flash, dout, out, lse)
+    torch.testing.assert_close(out.float(), out_ref.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-3, rtol=0)
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=0)
