@@ -4,6 +4,9 @@ each slice needs with the others of its group."""
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -36,3 +39,32 @@ def local_slice(x: torch.Tensor, group) -> torch.Tensor:
     n = x.shape[1] // dist.get_world_size(group)
     j = dist.get_rank(group)
     return x[:, j * n : (j + 1) * n]
+
+
+def slice_seed(base: int, step: int, batch_idx: int, rank: int) -> int:
+    """A seed for one slice of one window: a hash of the run's seed, the optimizer step, the
+    batch within it (gradient accumulation) and the global rank (which names both the slice
+    and the data-parallel group), so that no two slices, windows or steps share dropout
+    masks, and a resumed run draws the same ones (no state beyond the step)."""
+    key = repr((base, step, batch_idx, rank)).encode()
+    return int(hashlib.sha256(key).hexdigest()[:15], 16)
+
+
+@contextmanager
+def slice_rng(step: int, batch_idx: int, active: bool = True):
+    """Inside: torch's RNG (CPU and the current CUDA device) seeded by :func:`slice_seed`;
+    after: the RNG as before. The ranks of a context-parallel group are seeded alike, so
+    without this every slice of a window would draw the same dropout mask (the mask of
+    position i repeating at i + l, i + 2l, ...). With it, the masks of a window are the
+    concatenation of P independent draws: a context-parallel run with dropout is then a
+    single-process run with a differently drawn (equally distributed) mask, equal to it in
+    distribution, not bit for bit. Non-reentrant checkpointing saves and restores the RNG
+    state it finds, so a recomputation in the backward draws the same masks."""
+    if not active:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.manual_seed(slice_seed(torch.initial_seed(), step, batch_idx, rank))
+        yield

@@ -23,8 +23,10 @@ from lightning_modules.context_parallel import (
     check_context_parallel,
     local_slice,
     make_context_group,
+    slice_rng,
 )
 from lightning_modules.optim import OptimConfig, adamw_with_schedule
+from models.attention import distributed
 from models.attention.documents import Documents
 from models.loss import check_chunk, chunked_nll
 from models.transformer import ModelConfig, TransformerLM
@@ -78,13 +80,12 @@ class CausalLM(L.LightningModule):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
-    def _scored(self, batch: dict):
+    def _scored(self, batch: dict, batch_idx: int = 0):
         """``(nll (T,), keep (T,), hidden (T, C), labels (T,))`` over the T targets of this
         rank's slice of the window: NLL in float32, 0 where the target is not scored."""
         inputs = local_slice(batch["input_ids"], self.context_group)
         labels = local_slice(batch["labels"], self.context_group).flatten()
-        docs = _documents(batch)  # refused with context_parallel > 1 (settings/schema.py)
-        hidden = self.model.hidden(inputs, self.context_group, docs).flatten(0, 1)  # (T, C)
+        hidden = self._hidden(inputs, batch_idx, _documents(batch)).flatten(0, 1)  # (T, C)
         keep = scored(labels)
         # no T x V logits: the loss runs in chunks; an unscored target is read as token 0 and
         # its NLL zeroed (a mask, not a gather: no host sync, and no copy of every row)
@@ -92,11 +93,31 @@ class CausalLM(L.LightningModule):
         nll = chunked_nll(hidden, weight, labels.where(keep, 0), self.loss_chunk)
         return nll.where(keep, 0.0), keep, hidden, labels
 
+    def _hidden(self, inputs: torch.Tensor, batch_idx: int, documents=None) -> torch.Tensor:
+        """The model's hidden states of this rank's slice. Split across ranks, the ranks agree
+        on the forward once (one small all_gather; the layers then check nothing across ranks)
+        until after its backward, whose recomputation re-runs the layers; and each slice draws
+        its own dropout masks (:func:`slice_rng`)."""
+        group = self.context_group
+        if group is None:  # documents with a group are refused (settings/schema.py)
+            return self.model.hidden(inputs, documents=documents)
+        fp = distributed.fingerprint(self.hparams.model, torch.is_grad_enabled(), self.training)
+        distributed.enter_forward(group, inputs, fp)  # left in on_after_backward
+        with slice_rng(self.global_step, batch_idx, self.config.dropout > 0 and self.training):
+            hidden = self.model.hidden(inputs, group=group)
+        if not torch.is_grad_enabled():
+            distributed.leave_forward(group)
+        return hidden
+
+    def on_after_backward(self) -> None:
+        if self.context_group is not None:
+            distributed.leave_forward(self.context_group)
+
     # -- training ----------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The mean NLL of the window's scored targets (the loss to backpropagate)."""
-        nll, keep, _, _ = self._scored(batch)
+        nll, keep, _, _ = self._scored(batch, batch_idx)
         if self.context_group is None:
             loss = window_loss = nll.sum() / keep.sum()
         else:

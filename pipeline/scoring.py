@@ -31,9 +31,10 @@ import torch.distributed as dist
 
 from data.config import DataConfig
 from data.corpus import Split, prepare
+from models.attention import distributed
 from models.loss import chunked_nll
 from models.positional import XposRangeError
-from models.transformer import ModelConfig, TransformerLM
+from models.transformer import ModelConfig, TransformerLM, schedule_at
 from pipeline.checkpoints import check_checkpoint
 from settings.loading import ConfigError
 from settings.schema import CORPUS_KEYS
@@ -85,6 +86,8 @@ class Result:
 
 def not_reached(err: Exception) -> str | None:
     """The reason a length cannot be run on this machine, or None (a bug: let it raise)."""
+    if isinstance(err, RankFailed):  # a context-parallel forward failed on some rank(s)
+        return err.reached
     if isinstance(err, XposRangeError):
         return str(err).splitlines()[0][:160]
     cpu_oom = isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
@@ -151,21 +154,74 @@ def check_lengths(split: Split, lengths: list[int], split_name: str) -> list[int
 def nll(net: TransformerLM, windows: torch.Tensor, group=None, chunk: int = 8192):
     """(W, L+1) token windows -> (W, L) per-target NLL, float64. With ``group`` (P ranks, the
     same windows on each), each rank runs its slice of every window and the slices' NLL are
-    gathered, so every rank returns the whole (W, L)."""
+    gathered, so every rank returns the whole (W, L); a failure on any rank raises
+    :class:`RankFailed` on every rank (:func:`split_nll`)."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
-    world = 1 if group is None else dist.get_world_size(group)
-    if world > 1:
-        n = inputs.shape[1] // world
-        j = dist.get_rank(group)
-        inputs, targets = inputs[:, j * n : (j + 1) * n], targets[:, j * n : (j + 1) * n]
-    hidden = net.hidden(inputs, group=group if world > 1 else None)  # no N x V logits
-    out = chunked_nll(hidden.flatten(0, 1), net.lm_head.weight, targets.flatten(), chunk)
-    out = out.view(windows.shape[0], -1).double()
-    if world > 1:
-        parts = [torch.empty_like(out) for _ in range(world)]
-        dist.all_gather(parts, out.contiguous(), group=group)
-        out = torch.cat(parts, dim=1)
-    return out
+    if group is None or dist.get_world_size(group) == 1:
+        hidden = net.hidden(inputs)  # no N x V logits
+        out = chunked_nll(hidden.flatten(0, 1), net.lm_head.weight, targets.flatten(), chunk)
+        return out.view(windows.shape[0], -1).double()
+    return split_nll(net, inputs, targets, group, chunk)
+
+
+class RankFailed(RuntimeError):
+    """A forward that failed on some rank of a context-parallel group, raised on every rank:
+    ``reasons`` by rank (None where the rank succeeded), ``reached`` the reason if every
+    failure is one :func:`not_reached` accepts (out of memory, XPOS range), else None."""
+
+    def __init__(self, reasons: list[str | None], reached: str | None):
+        failed = {rank: why for rank, why in enumerate(reasons) if why is not None}
+        super().__init__(f"forward failed on rank(s) of the context-parallel group: {failed}")
+        self.reasons, self.reached = reasons, reached
+
+
+def split_nll(net: TransformerLM, inputs, targets, group, chunk: int) -> torch.Tensor:
+    """:func:`nll` of this rank's slice, taken so that no rank is ever left alone in a
+    collective. Ranks fail alone (memory differs by rank: a causal segment's later ranks
+    receive more keys; XPOS's range depends on the global position), and a rank that stops
+    mid-forward leaves the others waiting in the next layer's exchange. So: the ranks agree on
+    the forward once (``distributed.enter_forward``); a rank that fails first issues the
+    exchanges it still owes, with zeros (``distributed.drain``); then one all_reduce of a flag
+    tells every rank whether any failed, and if so every rank raises :class:`RankFailed`,
+    which eval.py reports as it would the failure itself (length not reached, or a bug)."""
+    world, j = dist.get_world_size(group), dist.get_rank(group)
+    n = inputs.shape[1] // world
+    inputs, targets = inputs[:, j * n : (j + 1) * n], targets[:, j * n : (j + 1) * n]
+    param = net.lm_head.weight
+    fp = distributed.fingerprint(net.config, param.dtype, torch.is_grad_enabled())
+    failure, bug = None, None  # (reason, whether not_reached accepts it); the error if not
+    with distributed.agreed_forward(group, inputs, fp) as scope:
+        try:
+            hidden = net.hidden(inputs, group=group)
+            out = chunked_nll(hidden.flatten(0, 1), param, targets.flatten(), chunk)
+            out = out.view(inputs.shape[0], -1).double()
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it; raised below
+            reason = not_reached(err)
+            failure = (reason or f"{type(err).__name__}: {str(err)[:300]}", reason is not None)
+            bug = None if reason else err  # an out-of-memory's traceback holds its tensors
+        if failure is not None:  # outside the except: the failed forward's tensors are freed
+            _drain(net, scope, inputs.shape[0], distributed.RankSlice(world, j, n), group)
+    if distributed.any_rank(failure is not None, group, param.device):
+        every = [None] * world
+        dist.all_gather_object(every, failure, group=group)
+        reasons = [None if f is None else f[0] for f in every]
+        known = all(f is None or f[1] for f in every)
+        reached = "; ".join(sorted({r for r in reasons if r})) if known else None
+        raise RankFailed(reasons, reached) from bug
+    parts = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(parts, out.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _drain(net: TransformerLM, scope, batch: int, at, group) -> None:
+    """The exchanges of a whole forward of ``net`` that this rank has not issued yet, with
+    zeros: every layer runs the same schedule on the same shapes, so a forward's exchanges
+    are one layer's, ``n_layer`` times."""
+    cfg, param = net.config, net.lm_head.weight
+    pairs = list(zip(*schedule_at(cfg, at.total), strict=True))
+    layer = distributed.exchange_plan(pairs, at, batch, cfg.n_head, cfg.d_model // cfg.n_head,
+                                      causal=True)  # fmt: skip
+    distributed.drain(scope, layer * cfg.n_layer, group, param.dtype, param.device)
 
 
 def windows_at(split: Split, docs: list[int], length: int, cap: int | None = None) -> np.ndarray:

@@ -87,6 +87,17 @@ class RunConfig:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} must be a multiple of context_parallel={P}"
             )
+        if P > 1 and self.trainer.get("use_distributed_sampler"):  # each rank its own windows
+            raise ValueError(
+                f"trainer.use_distributed_sampler=true gives every rank different windows, but "
+                f"context_parallel={P} needs the {P} ranks of a group to read the same window; "
+                "set it false (the default: the data module shards by group itself)"
+            )
+        if P > 1 and self.model.stretch_last:
+            raise ValueError(
+                f"model.stretch_last=true widens the last segment to the sequence, which "
+                f"context_parallel={P} does not split; set one of them off"
+            )
         self._check_documents()
 
     def _check_documents(self) -> None:

@@ -3,7 +3,12 @@ single-process result on the whole sequence: outputs 1e-5, gradients of q, k, v 
 
 import pytest
 
-from tests.support.context_parallel_cases import compare_cases, compare_model, expect_errors
+from tests.support.context_parallel_cases import (
+    compare_cases,
+    compare_model,
+    expect_errors,
+    host_reads_per_layer,
+)
 from tests.support.distributed import spawn
 
 # name: (B, N, H, D, segment_lengths, dilation_rates, causal)
@@ -47,3 +52,9 @@ def test_bad_calls_raise_on_every_rank():
 @pytest.mark.parametrize("position", ["xpos", "rope"])
 def test_model_on_slices_equals_the_whole_sequence(position):
     spawn(compare_model, 2, position)
+
+
+def test_no_host_reads_or_checks_inside_the_layers():
+    """The ranks agree once per forward of the model; the layers (forward, backward and a
+    checkpointed recomputation) read nothing on the host and gather nothing to check."""
+    spawn(host_reads_per_layer, 2)

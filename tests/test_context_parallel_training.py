@@ -10,6 +10,11 @@ import pytest
 from pipeline.outputs import metric
 from pipeline.training import train
 from settings.loading import ConfigError, load_run_config
+from tests.support.context_parallel_cases import (
+    dropout_masks_differ_by_slice,
+    training_step_equivalences,
+)
+from tests.support.distributed import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 # segments of 8 stay inside a slice of 16; the 32 one spans both ranks of a pair
@@ -43,6 +48,19 @@ def test_split_windows_train_as_whole_ones(tiny_args, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "split")
 
 
+def test_one_optimizer_step_equals_the_whole_window():
+    """CausalLM, 2 processes splitting each window vs 1 with the whole window, float64:
+    every gradient and parameter after one AdamW step equal within 1e-6 relative, without
+    and with activation checkpointing (whose recomputation re-runs the exchanges), a slice
+    with no scored target included. Mutation: without the P factor of each slice's loss the
+    gradients are off by 1/P and the check sees it (losses alone, under AdamW, barely would)."""
+    spawn(training_step_equivalences, 2, timeout=120)
+
+
+def test_slices_draw_their_own_dropout_masks():
+    spawn(dropout_masks_differ_by_slice, 2, timeout=120)
+
+
 @pytest.mark.slow
 def test_data_times_context_parallel(tiny_args, tmp_path):
     """4 processes as 2 data-parallel groups of 2 splitting ranks = 2 data-parallel processes."""
@@ -57,6 +75,8 @@ def test_data_times_context_parallel(tiny_args, tmp_path):
         (["context_parallel=2", "model.attention=dense"], "dilated attention only"),
         (["context_parallel=3"], r"data.seq_len=2048 must be a multiple of context_parallel=3"),
         (["context_parallel=0"], "must be >= 1"),
+        (["context_parallel=2", "trainer.use_distributed_sampler=true"], "read the same window"),
+        (["context_parallel=2", "model.stretch_last=true"], "stretch_last=true widens"),
     ],
 )
 def test_bad_context_parallel(overrides, message):

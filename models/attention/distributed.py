@@ -27,6 +27,7 @@ elements are received (the segment's other ranks' kept rows), bounded as N grows
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -75,15 +76,33 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return int(hashlib.sha256(str(dtype).encode()).hexdigest()[:6], 16)
 
 
+def _signature_rows(mine: torch.Tensor, group) -> list[tuple[int, ...]]:
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return [tuple(int(x) for x in t.tolist()) for t in every]  # one host sync
+
+
 def check_agreement(q: torch.Tensor, pairs, causal: bool, group) -> None:
     """Every rank passes the same shapes, dtype, schedule and causality, or every rank raises
-    a ValueError naming them (one small all_gather: no rank is left waiting)."""
+    a ValueError naming them (one small all_gather: no rank is left waiting).
+
+    Inside :func:`agreed_forward` for this group (a model's forward: the ranks agreed once on
+    its input) nothing is exchanged and nothing is read on the host: the call is compared with
+    the agreed input locally. Every layer's call is a function of that input and of the model,
+    which the ranks agreed on, so a layer cannot disagree where the input did not; a per-layer
+    collective read on the host would stall a GPU's kernel queue once per layer."""
+    scope = _SCOPES.get(_key(group))
+    if scope is not None:
+        if tuple(q.shape[:2]) != scope.tokens:
+            raise ValueError(
+                f"attention call of (B, l) = {tuple(q.shape[:2])} inside a forward agreed on "
+                f"tokens (B, l) = {scope.tokens}: a layer changed the sequence length"
+            )
+        return
     B, L, H, D = q.shape
     schedule = int(hashlib.sha256(repr((pairs, causal)).encode()).hexdigest()[:12], 16)
     mine = torch.tensor([B, L, H, D, _dtype_code(q.dtype), schedule], device=q.device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
-    rows = [tuple(int(x) for x in t.tolist()) for t in every]
+    rows = _signature_rows(mine, group)
     if any(row != rows[0] for row in rows):
         shapes = {rank: row[:4] for rank, row in enumerate(rows)}
         raise ValueError(
@@ -91,6 +110,103 @@ def check_agreement(q: torch.Tensor, pairs, causal: bool, group) -> None:
             f"{shapes}; dtype or schedule/causal agree: "
             f"{len({row[4] for row in rows}) == 1} / {len({row[5] for row in rows}) == 1}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# one agreement per forward of a model, and decisions the ranks take together
+
+
+@dataclass
+class ForwardScope:
+    """A model forward the ranks of ``group`` agreed on: its tokens ``(B, l)`` and how many
+    exchanges this rank has issued in it (forward direction), so that a rank that fails
+    part-way can issue the rest (:func:`drain`) and leave nobody waiting."""
+
+    tokens: tuple[int, int]
+    issued: int = 0
+
+
+_SCOPES: dict[int, ForwardScope] = {}
+
+
+def _key(group) -> int:
+    return id(group)
+
+
+def fingerprint(*parts) -> int:
+    """A 48-bit hash of ``repr(parts)``: what must be equal on every rank (a model's config,
+    dtypes, whether gradients are taken), compared as one integer."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
+
+
+def enter_forward(group, tokens: torch.Tensor, fingerprint_: int) -> ForwardScope:
+    """One small all_gather of ``(B, l, fingerprint)``: every rank raises the same ValueError
+    if they differ, or every rank enters the scope (replacing an earlier one of the group).
+    The attention calls of the forward (and of its recomputation in the backward) then check
+    only locally. Leave it with :func:`leave_forward`, or use :func:`agreed_forward`."""
+    B, L = tokens.shape[:2]
+    mine = torch.tensor([B, L, fingerprint_], dtype=torch.int64, device=tokens.device)
+    rows = _signature_rows(mine, group)
+    if any(row != rows[0] for row in rows):
+        raise ValueError(
+            "the ranks of the group disagree on the forward: (B, l, model fingerprint) by rank "
+            f"{dict(enumerate(rows))}; every rank must run the same model on its slice of the "
+            "same windows"
+        )
+    scope = _SCOPES[_key(group)] = ForwardScope((B, L))
+    return scope
+
+
+def leave_forward(group) -> None:
+    _SCOPES.pop(_key(group), None)
+
+
+@contextmanager
+def agreed_forward(group, tokens: torch.Tensor, fingerprint_: int):
+    """``with agreed_forward(group, tokens, fp) as scope:`` one model forward (see
+    :func:`enter_forward`)."""
+    scope = enter_forward(group, tokens, fingerprint_)
+    try:
+        yield scope
+    finally:
+        leave_forward(group)
+
+
+def any_rank(flag: bool, group, device=None) -> bool:
+    """Whether ``flag`` is true on some rank of ``group``: one all_reduce of one number and a
+    host read. Every decision a rank could take alone before a collective (a length failed, a
+    batch was bad, a check failed) goes through it, so that no rank enters a collective the
+    others skip (NCCL would wait forever; gloo until its timeout)."""
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def exchange_plan(pairs, at: RankSlice, batch: int, n_head: int, head_dim: int, causal: bool):
+    """The exchanges of one attention call, in order: ``(send_counts, recv_counts, shape of
+    one buffer (2, B, ceil(l/r), H, D))`` per spanning pair; what :func:`exchange` issues."""
+    plan = []
+    for w, r in pairs:
+        span = spanning(w, r, at, causal)
+        if span is not None:
+            send_counts, recv_counts = _counts(span, at)
+            plan.append(
+                (send_counts, recv_counts, (2, batch, -(-at.length // r), n_head, head_dim))
+            )
+    return plan
+
+
+def drain(scope: ForwardScope, plan: list, group, dtype: torch.dtype, device) -> None:
+    """Issues, with zeros, the exchanges of ``plan`` (a whole forward's, in order) that this
+    rank has not issued yet: what a rank that failed part-way through a forward does so that
+    the others, which go on through theirs, are never left waiting in an exchange. The data
+    is thrown away; the ranks then learn together (:func:`any_rank`) that the forward failed.
+    Buffers are small (the kept rows of one pair), and are allocated after the failed forward's
+    tensors are released (the caller leaves its ``except`` first)."""
+    for send_counts, recv_counts, shape in plan[scope.issued :]:
+        send = torch.zeros((sum(send_counts), *shape), dtype=dtype, device=device)
+        _all_to_all(send, send_counts, recv_counts, group)
+        scope.issued += 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +221,11 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, send, send_counts, recv_counts, group):
         ctx.counts, ctx.group = (send_counts, recv_counts), group
-        return _all_to_all(send, send_counts, recv_counts, group)
+        out = _all_to_all(send, send_counts, recv_counts, group)
+        scope = _SCOPES.get(_key(group))
+        if scope is not None:  # (a recomputation in the backward counts too)
+            scope.issued += 1
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -193,16 +313,20 @@ def pack(x: torch.Tensor, span: Spanning, length: int) -> torch.Tensor:
     return out
 
 
+def _counts(span: Spanning, at: RankSlice) -> tuple[list[int], list[int]]:
+    """Buffers sent to and received from each rank of the group (0 or 1)."""
+    dst = {span.members[i] for i in span.destinations}
+    src = {span.members[i] for i in span.sources}
+    return [int(p in dst) for p in range(at.world)], [int(p in src) for p in range(at.world)]
+
+
 def exchange(k: torch.Tensor, v: torch.Tensor, span: Spanning, at: RankSlice, group):
     """The received kept keys and values, each ``(n_src * B, ceil(l/r), H, D)``: source i's
     rows for batch row b are batch row ``i * B + b``."""
     B, _, H, D = k.shape
     buffer = torch.stack([pack(k, span, at.length), pack(v, span, at.length)])  # (2, B, R, H, D)
-    dst = {span.members[i] for i in span.destinations}
-    src = {span.members[i] for i in span.sources}
-    send_counts = [1 if p in dst else 0 for p in range(at.world)]
-    recv_counts = [1 if p in src else 0 for p in range(at.world)]
-    send = buffer.unsqueeze(0).expand(len(dst), *buffer.shape)  # (n_dst, 2, B, R, H, D)
+    send_counts, recv_counts = _counts(span, at)
+    send = buffer.unsqueeze(0).expand(sum(send_counts), *buffer.shape)  # (n_dst, 2, B, R, H, D)
     got = _Exchange.apply(send, send_counts, recv_counts, group)  # (n_src, 2, B, R, H, D)
     n_src, _, _, R, _, _ = got.shape
     # (n_src, B, R, H, D) -> (n_src * B, R, H, D): batch rows of source i follow each other

@@ -80,3 +80,149 @@ def compare_model(rank, world, position) -> None:
         dist.all_reduce(p.grad)
         torch.testing.assert_close(p.grad, want[name], atol=GRAD_TOL, rtol=1e-4,
                                    msg=lambda m, n=name: f"{position} grad {n}: {m}")  # fmt: skip
+
+
+def host_reads_per_layer(rank, world) -> None:
+    """A LongNet forward and backward split across ranks, inside the one agreement of its
+    forward: the host reads (``aten._local_scalar_dense``, which ``.item()``, ``bool()`` and
+    ``int()`` of a tensor dispatch to, and ``.tolist()``) and all_gathers do not grow with the
+    number of layers; and there are none at all inside the layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from models.attention import distributed
+    from models.transformer import ModelConfig, TransformerLM
+
+    counts = {"host": 0, "all_gather": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                counts["host"] += 1
+            return func(*args, **(kwargs or {}))
+
+    tolist, all_gather = torch.Tensor.tolist, dist.all_gather
+
+    def counted_tolist(self):
+        counts["host"] += 1
+        return tolist(self)
+
+    def counted_all_gather(*args, **kwargs):
+        counts["all_gather"] += 1
+        return all_gather(*args, **kwargs)
+
+    def run(n_layer: int, checkpointing: str) -> dict:
+        cfg = ModelConfig(vocab_size=50, d_model=32, n_layer=n_layer, n_head=4, d_ff=64,
+                          segment_lengths=[8, 32, 64], dilation_rates=[1, 2, 4],
+                          checkpointing=checkpointing)  # fmt: skip
+        model = TransformerLM(cfg)
+        tokens = slice_of(torch.randint(0, 50, (2, 64), generator=torch.Generator()), rank, world)
+        model(tokens, group=dist.group.WORLD).sum().backward()  # warm caches (coverage check)
+        torch.Tensor.tolist, dist.all_gather = counted_tolist, counted_all_gather
+        counts.update(host=0, all_gather=0)
+        try:
+            with Count(), distributed.agreed_forward(dist.group.WORLD, tokens, 0):
+                agreement = dict(counts)  # the agreement itself, once per forward
+                model(tokens, group=dist.group.WORLD).sum().backward()
+        finally:
+            torch.Tensor.tolist, dist.all_gather = tolist, all_gather
+        return agreement, dict(counts)
+
+    for checkpointing in ("none", "layer"):
+        for n_layer in (1, 3):
+            agreement, total = run(n_layer, checkpointing)
+            assert agreement["all_gather"] == 1 and agreement["host"] >= 1, agreement
+            assert total == agreement, (checkpointing, n_layer, agreement, total)
+
+
+def _one_step(module, batch, group, world, checkpointing) -> dict:
+    """One optimizer step of ``module`` (a CausalLM) on ``batch`` as Lightning's DDP runs it:
+    this rank's loss backpropagated, gradients averaged over the ranks, AdamW's first step.
+    Returns the averaged gradients."""
+    from lightning_modules.optim import adamw_with_schedule
+
+    module.config.checkpointing = checkpointing  # the model's and every block's config
+    module.context_group = group
+    opt = adamw_with_schedule(module.parameters(), module.optim, 10)["optimizer"]
+    module.train()
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    module.on_after_backward()
+    if group is not None:
+        for p in module.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world  # DDP averages gradients over all ranks
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    opt.step()
+    return grads
+
+
+def training_step_equivalences(rank, world) -> None:
+    """:func:`training_step_equivalence` with each checkpointing mode, and its mutation."""
+    for checkpointing in ("none", "layer", "sublayer"):
+        training_step_equivalence(rank, world, checkpointing, False)
+    training_step_equivalence(rank, world, "none", True)
+
+
+def training_step_equivalence(rank, world, checkpointing, mutate) -> None:
+    """CausalLM with each window split across the ranks (context_parallel = world) against one
+    process with the whole window, float64, dropout 0: after one optimizer step every
+    gradient and every parameter agree within 1e-6 relative. Windows with unscored targets,
+    one with a slice holding none (a recall-like batch). ``mutate``: the P factor of each
+    slice's loss dropped; then the gradients must differ (the check returns the worst relative
+    difference for the caller to judge)."""
+    import warnings
+
+    from data.batch import IGNORE_INDEX
+    from lightning_modules.lm import CausalLM
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    model = dict(vocab_size=50, d_model=32, n_layer=2, n_head=4, d_ff=64,
+                 segment_lengths=[8, 32], dilation_rates=[1, 2], dropout=0.0)  # fmt: skip
+    optim = dict(warmup_steps=0, lr=1e-3)
+    torch.manual_seed(0)
+    ref = CausalLM(model, optim).double()
+    split = CausalLM(model, optim, context_parallel=world).double()
+    split.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 50, (2, 65), generator=gen)
+    labels = tokens[:, 1:].clone()
+    labels[0, ::3] = IGNORE_INDEX
+    labels[1, 32:] = IGNORE_INDEX  # window 1: the second slice scores nothing
+    batch = {"input_ids": tokens[:, :-1], "labels": labels}
+    if mutate:
+        split.context_parallel = 1  # each slice's loss no longer scaled by P
+    want = _one_step(ref, batch, None, 1, checkpointing)
+    got = _one_step(split, batch, dist.group.WORLD, world, checkpointing)
+    worst = max(((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want)
+    if mutate:
+        assert worst > 0.1, f"dropping the P factor went unnoticed: {worst}"
+        return
+    assert worst < 1e-6, (checkpointing, worst)
+    for (name, p), q in zip(split.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9,
+                                   msg=lambda m, n=name: f"{checkpointing} {n}: {m}")  # fmt: skip
+
+
+def dropout_masks_differ_by_slice(rank, world) -> None:
+    """With dropout, the slices of one window draw different masks (the embedding dropout's,
+    seen by a hook), the same ones again for the same step and batch, others at the next
+    step."""
+    from lightning_modules.lm import CausalLM
+
+    model = dict(vocab_size=50, d_model=32, n_layer=1, n_head=4, d_ff=64,
+                 segment_lengths=[8, 32], dilation_rates=[1, 2], dropout=0.5)  # fmt: skip
+    torch.manual_seed(0)  # every rank seeded alike, as seed_everything does
+    module = CausalLM(model, context_parallel=world)
+    module.context_group = dist.group.WORLD
+    module.train()
+    masks = []
+    module.model.drop.register_forward_hook(lambda m, i, o: masks.append(o[0] == 0))
+    tokens = torch.zeros(1, 64, dtype=torch.int64)  # every slice the same tokens
+    batch = {"input_ids": tokens, "labels": tokens}
+    for batch_idx in (0, 0, 1):
+        module._scored(batch, batch_idx)
+        module.on_after_backward()
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    every = [torch.empty_like(masks[0]) for _ in range(world)]
+    dist.all_gather(every, masks[0])
+    assert not torch.equal(every[0], every[1]), "the slices of a window share a dropout mask"
