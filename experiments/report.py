@@ -411,6 +411,38 @@ def copying_trainpy(results_dir: Path) -> str:
     return markdown(header, out) + "\n\n" + source(results_dir, files, command)
 
 
+DEMO_CALIBRATION = ["A64_w64", "A64_w256", "A64_dense", "A512_w64", "A512_w256"]
+
+
+@table("demo_calibration")
+def demo_calibration(results_dir: Path) -> str:
+    """The second stages tried for `make demo`: perplexity by context and the span probe."""
+    d, out, files = "demo/calibration", [], []
+    for name in DEMO_CALIBRATION:
+        ppl_file, span_file = f"{d}/{name}_ppl_vs_context.json", f"{d}/{name}_repeated_span.csv"
+        rows = read_json_rows(results_dir / ppl_file)
+        ppl = {r["context_length"]: r["ppl"] for r in rows}
+        span = {r["distance"]: r["drop"] for r in read_csv(results_dir / span_file)}
+        files += [ppl_file, span_file]
+        out.append([name, *(f"{ppl[n]:.2f}" for n in sorted(ppl)),
+                    f"{100 * (1 - ppl[512] / ppl[64]):.0f}%",
+                    *(f"{span[k]:.2f}" for k in (32, 33, 64, 65, 128, 129, 256, 257))])  # fmt: skip
+    lengths = sorted(r["context_length"] for r in read_json_rows(results_dir / files[0]))
+    header = ["run", *(f"ppl@{n}" for n in lengths), "512 vs 64",
+              *(f"drop d={k}" for k in (32, 33, 64, 65, 128, 129, 256, 257))]  # fmt: skip
+    note = "runs and commands: experiments/results/demo/calibration/README.md"
+    return (
+        markdown(header, out)
+        + "\n\n"
+        + source(
+            results_dir,
+            [f"{d}/*"],
+            "train.py twice, then eval.py configs/experiment/demo_eval.yaml",
+            note,
+        )
+    )
+
+
 @table("headline", document="README.md")
 def headline(results_dir: Path) -> str:
     """A few numbers from the tables of experiments/README.md, each with its file."""

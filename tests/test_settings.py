@@ -61,7 +61,7 @@ def test_print_config_shows_the_resolved_command_line(capsys):
     assert run_cli(lambda a: pytest.fail("ran"), argv, load=load_run_config) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["attention"] == "dense" and printed["run_dir"] == "runs/demo"
-    assert printed["trainer"]["max_steps"] == 300 and printed["optim"]["warmup_steps"] == 30
+    assert printed["trainer"]["max_steps"] == 150 and printed["optim"]["warmup_steps"] == 20
     argv = ["checkpoints=[a.ckpt]", "context_lengths=[64]", "--print-config"]
     assert run_cli(lambda a: pytest.fail("ran"), argv, load=load_eval_config) == 0
     assert yaml.safe_load(capsys.readouterr().out)["split"] == "auto"
