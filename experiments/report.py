@@ -343,7 +343,8 @@ def long_range_by_length(results_dir: Path) -> str:
 
 COPYING = "python -m experiments.tools.calibrate_copying NAME ..."
 CALIBRATION_RUNS = ["A_randrep", "B_natrep", "C_a64", "D_a512", "E_longnet", "F_paperarch",
-                    "F2_paperarch_torch", "F3_paperarch_magneto_untied", "G_nostage",
+                    "F2_paperarch_torch", "F3_paperarch_magneto_untied",
+                    "F4_paperarch_magneto_embed1", "G_nostage",
                     "H_D2dilated", "P1_dense_a64_s2", "P2_dil8h_a64", "P3_dense8h_a64",
                     "Q1_dense_t4096_a64", "Q2_dense_t4096_a512"]  # fmt: skip
 
@@ -380,7 +381,7 @@ def copying_calibration(results_dir: Path) -> str:
     return markdown(header, out) + "\n\n" + source(
         results_dir, ["copying_calibration/*.jsonl"], COPYING,
         "the A-H files were written by copying_calibration/exploratory_loop.py, the loop the "
-        "tool was cleaned from, and their first line holds its arguments; the F2, F3, P and Q "
+        "tool was cleaned from, and their first line holds its arguments; the F2-F4, P and Q "
         "files' first line holds the tool's arguments and provenance record (command, commit, "
         "machine, date)",
     )  # fmt: skip
