@@ -58,3 +58,46 @@ def test_no_host_reads_or_checks_inside_the_layers():
     """The ranks agree once per forward of the model; the layers (forward, backward and a
     checkpointed recomputation) read nothing on the host and gather nothing to check."""
     spawn(host_reads_per_layer, 2)
+
+
+def _pairs_by_definition(pairs, n_head, total, world, causal):
+    """Attended (query, key) pairs of each rank's queries, straight from the definition: for
+    each pair and head, query p and key j in one segment, both at the head's offset."""
+    import torch
+
+    p = torch.arange(total)
+    out = torch.zeros(world, dtype=torch.int64)
+    for w, r in pairs:
+        seg = min(w, total)
+        for h in range(n_head):
+            kept = (p % seg) % r == h % r
+            mask = (p[:, None] // seg == p[None, :] // seg) & kept[:, None] & kept[None, :]
+            if causal:
+                mask &= p[None, :] <= p[:, None]
+            out += mask.sum(1).view(world, -1).sum(1)
+    return out.tolist()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("world,cases", [(2, CASES_2), (4, CASES_4)], ids=["P=2", "P=4"])
+def test_attended_pairs_per_rank_match_the_definition(world, cases, causal):
+    from models.attention.distributed import attended_pairs
+
+    for name, (_, N, H, _, segs, rates, _) in cases.items():
+        pairs = tuple(zip(segs, rates, strict=True))
+        want = _pairs_by_definition(pairs, H, N, world, causal)
+        assert attended_pairs(pairs, H, N, world, causal) == want, name
+
+
+def test_load_balance_of_the_paper_schedule():
+    """The paper's schedule at 32K, causal: the busiest rank's work over the least busy one's
+    (what issue #28 counted), and one segment of the whole sequence (w = N, r = 1): 2P - 1 as
+    slices grow."""
+    from models.attention.distributed import attended_pairs
+
+    pairs = tuple(zip([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12], strict=True))
+    for P, ratio in ((4, 1.21), (8, 1.46), (16, 2.09)):
+        work = attended_pairs(pairs, 12, 32768, P)
+        assert max(work) / min(work) == pytest.approx(ratio, abs=0.005), P
+    work = attended_pairs(((2**20, 1),), 1, 2**20, 4)
+    assert max(work) / min(work) == pytest.approx(7, rel=1e-4)

@@ -234,6 +234,17 @@ class _Exchange(torch.autograd.Function):
 
 
 def _all_to_all(send, send_counts, recv_counts, group):
+    """One ``all_to_all_single`` whose splits are whole buffers (0 or 1 per rank).
+
+    Empty splits are the rule (a causal segment's first rank receives nothing, its last sends
+    nothing, ranks outside the segment neither). What this relies on: gloo takes zero counts
+    as they are; PyTorch's NCCL path (``all2all_single_unequal_split`` in
+    torch/csrc/cuda/nccl.cpp, ``ncclAlltoallv`` in older ProcessGroupNCCL) issues no
+    ``ncclSend``/``ncclRecv`` for a zero count ("NCCL uses 0 byte message for
+    synchronization"), inside one ncclGroupStart/End, so no zero-byte message reaches NCCL
+    (zero-byte point-to-point messages have hung some NCCL releases). A rank with every count
+    zero still takes part in the collective, as the issue-same-collectives rule needs. Not
+    yet run on NCCL here: ``make gpu-check`` on several GPUs is where it would be."""
     send = send.contiguous()
     out = send.new_empty((sum(recv_counts), *send.shape[1:]))
     dist.all_to_all_single(out, send, list(recv_counts), list(send_counts), group=group)
@@ -355,3 +366,44 @@ def spanning_calls(
                               head_stride=span.r, rows=kv_rows)  # fmt: skip
             calls += chunked(Call(q=q, kv=kv, causal=False, source=source))
     return calls
+
+
+# ----------------------------------------------------------------------------------------------
+# load balance, from the geometry above
+
+
+def attended_pairs(pairs, n_head: int, total: int, world: int, causal: bool = True) -> list[int]:
+    """Attended (query, key) pairs of each rank, per batch row, summed over heads and the
+    schedule's pairs (a key attended by two pairs counts twice: the union softmax computes
+    both): the attention work each rank does when ``total`` tokens are split across
+    ``world`` ranks, counted from the same geometry the code runs (local pairs as on one
+    device, spanning pairs as own kept rows plus every source's). Causal work grows with the
+    rank inside a spanning segment (later ranks see more earlier keys): with w = N, r = 1 the
+    last rank does 2P - 1 times the first's. Raises like :func:`check_split`."""
+    if total % world:
+        raise ValueError(f"total={total} tokens do not split into world={world} equal slices")
+    out = []
+    for rank in range(world):
+        at = RankSlice(world, rank, total // world)
+        check_split(pairs, at)
+        count = 0
+        for w, r in pairs:
+            span = spanning(w, r, at, causal)
+            for c, heads in _classes(r, n_head):
+                if span is None:  # l / w' whole segments of w' inside the slice
+                    seg = min(w, total)
+                    m = _kept(c, r, seg)
+                    count += heads * (at.length // seg) * (m * (m + 1) // 2 if causal else m * m)
+                    continue
+                mine = _kept(span.phase(c, span.index, at.length), r, at.length)
+                seen = sum(_kept(span.phase(c, i, at.length), r, at.length) for i in span.sources)
+                own = mine * (mine + 1) // 2 if causal else mine * mine
+                count += heads * (own + mine * seen)
+        out.append(count)
+    return out
+
+
+def imbalance(pairs, n_head: int, total: int, world: int, causal: bool = True) -> float:
+    """The busiest rank's attended pairs over the mean (1.0: balanced)."""
+    work = attended_pairs(pairs, n_head, total, world, causal)
+    return max(work) * len(work) / sum(work)
