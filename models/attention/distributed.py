@@ -17,9 +17,10 @@ order. For pair (w, r) let w' = min(w, N):
   gradients of the received buffers back with the reverse exchange and sums them.
 - anything else is rejected on every rank before any collective.
 
-Each exchange is one ``all_to_all_single`` over the group with empty splits for the ranks
-outside the segment: data moves only among a segment's ranks, and every rank issues the same
-collectives in the same order. Per rank and pair at most ``2 * B * H * D * (w' - l) / r``
+Each exchange is one batch of point-to-point messages (``batch_isend_irecv``): the one
+buffer to each destination, one receive per source, nothing posted for anyone else, so data
+moves only among a segment's ranks and no empty message exists; every rank runs the same
+exchanges in the same order. Per rank and pair at most ``2 * B * H * D * (w' - l) / r``
 elements are received (the segment's other ranks' kept rows), bounded as N grows while w < N.
 ``EXCHANGE_BYTES`` counts what each rank sends and receives (for the benchmark).
 """
@@ -204,8 +205,7 @@ def drain(scope: ForwardScope, plan: list, group, dtype: torch.dtype, device) ->
     Buffers are small (the kept rows of one pair), and are allocated after the failed forward's
     tensors are released (the caller leaves its ``except`` first)."""
     for send_counts, recv_counts, shape in plan[scope.issued :]:
-        send = torch.zeros((sum(send_counts), *shape), dtype=dtype, device=device)
-        _all_to_all(send, send_counts, recv_counts, group)
+        _send_recv(torch.zeros(shape, dtype=dtype, device=device), send_counts, recv_counts, group)
         scope.issued += 1
 
 
@@ -214,14 +214,15 @@ def drain(scope: ForwardScope, plan: list, group, dtype: torch.dtype, device) ->
 
 
 class _Exchange(torch.autograd.Function):
-    """all_to_all_single of ``send (n_dst, ...)`` to the ranks with a 1 in ``send_counts``;
-    returns ``(n_src, ...)`` from the ranks with a 1 in ``recv_counts``. The backward is the
-    reverse exchange of the gradients."""
+    """Sends one ``buffer`` to the group ranks with a 1 in ``send_counts`` and returns
+    ``(n_src, *buffer.shape)`` from those with a 1 in ``recv_counts``, in rank order. The
+    backward sends each received buffer's gradient back to its source and sums the gradients
+    that come back from the destinations: the gradient of the one buffer."""
 
     @staticmethod
-    def forward(ctx, send, send_counts, recv_counts, group):
+    def forward(ctx, buffer, send_counts, recv_counts, group):
         ctx.counts, ctx.group = (send_counts, recv_counts), group
-        out = _all_to_all(send, send_counts, recv_counts, group)
+        out = _send_recv(buffer, send_counts, recv_counts, group)
         scope = _SCOPES.get(_key(group))
         if scope is not None:  # (a recomputation in the backward counts too)
             scope.issued += 1
@@ -230,25 +231,38 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         send_counts, recv_counts = ctx.counts
-        return _all_to_all(grad, recv_counts, send_counts, ctx.group), None, None, None
+        back = _send_recv(grad, recv_counts, send_counts, ctx.group, per_peer=True)
+        return back.sum(0), None, None, None
 
 
-def _all_to_all(send, send_counts, recv_counts, group):
-    """One ``all_to_all_single`` whose splits are whole buffers (0 or 1 per rank).
+def _send_recv(send, send_counts, recv_counts, group, per_peer: bool = False):
+    """Point-to-point sends of ``send`` (the same buffer to every destination: one buffer per
+    pair, no copy per destination; ``per_peer``: ``send[i]`` to the i-th destination) and
+    receives into one ``(n_src, ...)`` tensor, all posted in one ``batch_isend_irecv`` and
+    waited on before returning.
 
-    Empty splits are the rule (a causal segment's first rank receives nothing, its last sends
-    nothing, ranks outside the segment neither). What this relies on: gloo takes zero counts
-    as they are; PyTorch's NCCL path (``all2all_single_unequal_split`` in
-    torch/csrc/cuda/nccl.cpp, ``ncclAlltoallv`` in older ProcessGroupNCCL) issues no
-    ``ncclSend``/``ncclRecv`` for a zero count ("NCCL uses 0 byte message for
-    synchronization"), inside one ncclGroupStart/End, so no zero-byte message reaches NCCL
-    (zero-byte point-to-point messages have hung some NCCL releases). A rank with every count
-    zero still takes part in the collective, as the issue-same-collectives rule needs. Not
-    yet run on NCCL here: ``make gpu-check`` on several GPUs is where it would be."""
+    Only real messages are posted: a rank with nothing to send or receive posts nothing, and
+    no zero-byte message ever exists (zero-byte point-to-point messages have hung some NCCL
+    releases; PyTorch's own NCCL all-to-all skips zero counts for the same reason). NCCL's
+    rule that a batch of point-to-point operations must not be the first operation of a
+    communicator unless every rank takes part is met because the ranks' agreement (an
+    all-gather, :func:`enter_forward` or :func:`check_agreement`) always comes first. Messages
+    between two ranks match in posting order, which is the same on every rank (the same
+    exchanges in the same order)."""
+    dst = [p for p, c in enumerate(send_counts) if c]
+    src = [p for p, c in enumerate(recv_counts) if c]
     send = send.contiguous()
-    out = send.new_empty((sum(recv_counts), *send.shape[1:]))
-    dist.all_to_all_single(out, send, list(recv_counts), list(send_counts), group=group)
-    EXCHANGE_BYTES["sent"] += send.numel() * send.element_size()
+    shape = send.shape[1:] if per_peer else send.shape
+    out = send.new_empty((len(src), *shape))
+    peer = lambda p: dist.get_global_rank(group, p)  # noqa: E731 - P2POp takes global ranks
+    ops = [dist.P2POp(dist.isend, send[i] if per_peer else send, peer(p), group)
+           for i, p in enumerate(dst)]  # fmt: skip
+    ops += [dist.P2POp(dist.irecv, out[i], peer(p), group) for i, p in enumerate(src)]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    item = send[0] if per_peer and len(dst) else send
+    EXCHANGE_BYTES["sent"] += len(dst) * item.numel() * item.element_size()
     EXCHANGE_BYTES["received"] += out.numel() * out.element_size()
     return out
 
@@ -337,8 +351,7 @@ def exchange(k: torch.Tensor, v: torch.Tensor, span: Spanning, at: RankSlice, gr
     B, _, H, D = k.shape
     buffer = torch.stack([pack(k, span, at.length), pack(v, span, at.length)])  # (2, B, R, H, D)
     send_counts, recv_counts = _counts(span, at)
-    send = buffer.unsqueeze(0).expand(sum(send_counts), *buffer.shape)  # (n_dst, 2, B, R, H, D)
-    got = _Exchange.apply(send, send_counts, recv_counts, group)  # (n_src, 2, B, R, H, D)
+    got = _Exchange.apply(buffer, send_counts, recv_counts, group)  # (n_src, 2, B, R, H, D)
     n_src, _, _, R, _, _ = got.shape
     # (n_src, B, R, H, D) -> (n_src * B, R, H, D): batch rows of source i follow each other
     return got[:, 0].reshape(n_src * B, R, H, D), got[:, 1].reshape(n_src * B, R, H, D)
