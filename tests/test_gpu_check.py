@@ -51,3 +51,11 @@ def test_report_holds_every_number(tmp_path):
     for needle in ("NVIDIA H200", "68 passed", "| 32K | 0.01 | 0.03 |", "| 200 | 30", "MFU",
                    "% of 989 TFLOP/s", "10.000 -> 8.010", "total time | 400 s"):  # fmt: skip
         assert needle in text, needle
+
+
+def test_multi_gpu_stage_says_when_it_is_skipped(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    res = gpu_check.run_multi_gpu(10)
+    assert res["status"] == "skipped: 1 GPU visible, context parallelism needs 2 or more"
+    text = gpu_check.report({"device": "one"}, {"multi": res}, 1.0)
+    assert "Context parallelism on NCCL" in text and "skipped: 1 GPU visible" in text

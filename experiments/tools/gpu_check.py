@@ -7,7 +7,10 @@
 2. bench: dilated attention (the paper's schedule, B=1, H=12, D=64, bf16) against dense SDPA
    at 32K-1M tokens: forward and forward+backward time, peak memory;
 3. train: 200 steps of configs/model/longnet_base.yaml at 32K tokens per step, bf16-mixed, on
-   the embedded stdlib corpus: tokens/s, step time, loss, peak memory, model FLOPs utilisation.
+   the embedded stdlib corpus: tokens/s, step time, loss, peak memory, model FLOPs utilisation;
+4. multi: with more than one GPU visible, context parallelism on NCCL
+   (tests/test_context_parallel_gpu.py: the split attention against one GPU, float32 and
+   bf16, with exchanges where ranks send or receive nothing); said to be skipped otherwise.
 
 Each stage has a time budget; one that runs out, or fails, is reported as such and the next
 one runs. Uses the Python it is started with and whatever is installed there (torch version,
@@ -36,8 +39,8 @@ from pipeline.display import markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
 K = 1024
-STAGES = ("tests", "bench", "train")
-BUDGET_S = {"tests": 120, "bench": 170, "train": 170}
+STAGES = ("tests", "bench", "train", "multi")
+BUDGET_S = {"tests": 120, "bench": 170, "train": 170, "multi": 120}
 BENCH_SIZES = [32 * K, 64 * K, 128 * K, 256 * K, 512 * K, 1024 * K]
 TRAIN_STEPS, TRAIN_LEN = 200, 32 * K
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense
@@ -75,9 +78,17 @@ def environment() -> dict:
 # stages
 
 
-def run_tests(budget: float) -> dict:
+def run_multi_gpu(budget: float) -> dict:
+    """The multi-GPU stage, or why it was skipped."""
+    count = torch.cuda.device_count()
+    if count < 2:
+        return {"status": f"skipped: {count} GPU visible, context parallelism needs 2 or more"}
+    return run_tests(budget, "tests/test_context_parallel_gpu.py")
+
+
+def run_tests(budget: float, path: str = "tests/test_gpu.py") -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "tests/test_gpu.py"]  # fmt: skip
+           path]  # fmt: skip
     try:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
     except subprocess.TimeoutExpired:
@@ -198,6 +209,11 @@ def report(env: dict, results: dict, seconds: float) -> str:
         t = results["tests"]
         lines += ["## GPU tests (tests/test_gpu.py)", "", f"{t['status']}: {t.get('summary', '')}"]
         lines += ["", *[f"    {d}" for d in t.get("details", [])], ""]
+    if "multi" in results:
+        t = results["multi"]
+        lines += ["## Context parallelism on NCCL (tests/test_context_parallel_gpu.py)", "",
+                  f"{t['status']}: {t.get('summary', '')}"]  # fmt: skip
+        lines += ["", *[f"    {d}" for d in t.get("details", [])], ""]
     if "bench" in results:
         b = results["bench"]
         title = f"## Attention: paper schedule, B=1, H=12, D=64, bf16, backend {b.get('backend')}"
@@ -234,6 +250,8 @@ def main(argv=None) -> int:
             results[stage] = run_tests(BUDGET_S[stage])
         elif stage == "bench":
             results[stage] = run_bench(BUDGET_S[stage])
+        elif stage == "multi":
+            results[stage] = run_multi_gpu(BUDGET_S[stage])
         else:
             results[stage] = run_train(BUDGET_S[stage], args.out)
         (args.out / "report.md").write_text(report(env, results, time.perf_counter() - start))
