@@ -8,6 +8,7 @@ from tests.support.context_parallel_cases import (
     compare_model,
     expect_errors,
     host_reads_per_layer,
+    local_pairs_run_while_rows_travel,
 )
 from tests.support.distributed import spawn
 
@@ -101,3 +102,7 @@ def test_load_balance_of_the_paper_schedule():
         assert max(work) / min(work) == pytest.approx(ratio, abs=0.005), P
     work = attended_pairs(((2**20, 1),), 1, 2**20, 4)
     assert max(work) / min(work) == pytest.approx(7, rel=1e-4)
+
+
+def test_local_pairs_run_while_the_exchange_is_in_flight():
+    spawn(local_pairs_run_while_rows_travel, 2)

@@ -20,8 +20,11 @@ order. For pair (w, r) let w' = min(w, N):
 Each exchange is one batch of point-to-point messages (``batch_isend_irecv``): the one
 buffer to each destination, one receive per source, nothing posted for anyone else, so data
 moves only among a segment's ranks and no empty message exists; every rank runs the same
-exchanges in the same order. Per rank and pair at most ``2 * B * H * D * (w' - l) / r``
-elements are received (the segment's other ranks' kept rows), bounded as N grows while w < N.
+exchanges in the same order. The forward does not wait for it: the attention runs the
+calls on this rank's own keys first and waits just before it reads received rows
+(``mixing.IN_FLIGHT``), so the local pairs hide the transfer. Per rank and pair at most
+``2 * B * H * D * (w' - l) / r`` elements are received (the segment's other ranks' kept
+rows), bounded as N grows while w < N.
 ``EXCHANGE_BYTES`` counts what each rank sends and receives (for the benchmark).
 """
 
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from models.attention import mixing
 from models.attention.mixing import Call, StridedBlock, chunked
 
 # bytes this process sent and received through exchanges, forward and backward together
@@ -204,6 +208,7 @@ def drain(scope: ForwardScope, plan: list, group, dtype: torch.dtype, device) ->
     is thrown away; the ranks then learn together (:func:`any_rank`) that the forward failed.
     Buffers are small (the kept rows of one pair), and are allocated after the failed forward's
     tensors are released (the caller leaves its ``except`` first)."""
+    mixing.wait_in_flight()  # receives launched before the failure (their senders sent)
     for send_counts, recv_counts, shape in plan[scope.issued :]:
         _send_recv(torch.zeros(shape, dtype=dtype, device=device), send_counts, recv_counts, group)
         scope.issued += 1
@@ -214,15 +219,17 @@ def drain(scope: ForwardScope, plan: list, group, dtype: torch.dtype, device) ->
 
 
 class _Exchange(torch.autograd.Function):
-    """Sends one ``buffer`` to the group ranks with a 1 in ``send_counts`` and returns
-    ``(n_src, *buffer.shape)`` from those with a 1 in ``recv_counts``, in rank order. The
-    backward sends each received buffer's gradient back to its source and sums the gradients
-    that come back from the destinations: the gradient of the one buffer."""
+    """Sends the pair's one ``buffer (2, B, R, H, D)`` (k and v) to the group ranks with a 1
+    in ``send_counts`` and returns ``(2, n_src, B, R, H, D)`` from those with a 1 in
+    ``recv_counts``, in rank order. The forward does not wait: the receives are left in
+    ``mixing.IN_FLIGHT`` and the attention waits for them just before it reads them. The
+    backward sends each received buffer's gradient back to its source and sums what comes
+    back from the destinations (blocking)."""
 
     @staticmethod
     def forward(ctx, buffer, send_counts, recv_counts, group):
         ctx.counts, ctx.group = (send_counts, recv_counts), group
-        out = _send_recv(buffer, send_counts, recv_counts, group)
+        out = _send_recv(buffer, send_counts, recv_counts, group, wait=False)
         scope = _SCOPES.get(_key(group))
         if scope is not None:  # (a recomputation in the backward counts too)
             scope.issued += 1
@@ -232,14 +239,15 @@ class _Exchange(torch.autograd.Function):
     def backward(ctx, grad):
         send_counts, recv_counts = ctx.counts
         back = _send_recv(grad, recv_counts, send_counts, ctx.group, per_peer=True)
-        return back.sum(0), None, None, None
+        return back.sum(1), None, None, None
 
 
-def _send_recv(send, send_counts, recv_counts, group, per_peer: bool = False):
-    """Point-to-point sends of ``send`` (the same buffer to every destination: one buffer per
-    pair, no copy per destination; ``per_peer``: ``send[i]`` to the i-th destination) and
-    receives into one ``(n_src, ...)`` tensor, all posted in one ``batch_isend_irecv`` and
-    waited on before returning.
+def _send_recv(send, send_counts, recv_counts, group, per_peer=False, wait=True):
+    """Point-to-point exchange of k/v buffers: ``send (2, ...)`` (k and v) to every
+    destination, the same buffer to each (one buffer per pair, no copy per destination;
+    ``per_peer``: ``send (2, n_dst, ...)``, ``send[:, i]`` to the i-th), received into
+    ``(2, n_src, ...)``; two messages per peer (k, v), each a contiguous tensor. All posted in
+    one ``batch_isend_irecv``; ``wait=False`` leaves the receives in ``mixing.IN_FLIGHT``.
 
     Only real messages are posted: a rank with nothing to send or receive posts nothing, and
     no zero-byte message ever exists (zero-byte point-to-point messages have hung some NCCL
@@ -251,18 +259,22 @@ def _send_recv(send, send_counts, recv_counts, group, per_peer: bool = False):
     exchanges in the same order)."""
     dst = [p for p, c in enumerate(send_counts) if c]
     src = [p for p, c in enumerate(recv_counts) if c]
-    send = send.contiguous()
-    shape = send.shape[1:] if per_peer else send.shape
-    out = send.new_empty((len(src), *shape))
+    shape = send.shape[2:] if per_peer else send.shape[1:]  # one of k, v for one peer
+    out = send.new_empty((2, len(src), *shape))
     peer = lambda p: dist.get_global_rank(group, p)  # noqa: E731 - P2POp takes global ranks
-    ops = [dist.P2POp(dist.isend, send[i] if per_peer else send, peer(p), group)
-           for i, p in enumerate(dst)]  # fmt: skip
-    ops += [dist.P2POp(dist.irecv, out[i], peer(p), group) for i, p in enumerate(src)]
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
+    ops = []
+    for i, p in enumerate(dst):
+        piece = send[:, i] if per_peer else send
+        ops += [dist.P2POp(dist.isend, piece[kv].contiguous(), peer(p), group) for kv in (0, 1)]
+    for i, p in enumerate(src):
+        ops += [dist.P2POp(dist.irecv, out[kv, i], peer(p), group) for kv in (0, 1)]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if wait:
+        for work in works:
             work.wait()
-    item = send[0] if per_peer and len(dst) else send
-    EXCHANGE_BYTES["sent"] += len(dst) * item.numel() * item.element_size()
+    else:  # the sent tensors and the receive buffer live until the wait
+        mixing.IN_FLIGHT.extend((work, (ops, out)) for work in works)
+    EXCHANGE_BYTES["sent"] += len(dst) * 2 * shape.numel() * send.element_size()
     EXCHANGE_BYTES["received"] += out.numel() * out.element_size()
     return out
 
@@ -351,10 +363,11 @@ def exchange(k: torch.Tensor, v: torch.Tensor, span: Spanning, at: RankSlice, gr
     B, _, H, D = k.shape
     buffer = torch.stack([pack(k, span, at.length), pack(v, span, at.length)])  # (2, B, R, H, D)
     send_counts, recv_counts = _counts(span, at)
-    got = _Exchange.apply(buffer, send_counts, recv_counts, group)  # (n_src, 2, B, R, H, D)
-    n_src, _, _, R, _, _ = got.shape
-    # (n_src, B, R, H, D) -> (n_src * B, R, H, D): batch rows of source i follow each other
-    return got[:, 0].reshape(n_src * B, R, H, D), got[:, 1].reshape(n_src * B, R, H, D)
+    got = _Exchange.apply(buffer, send_counts, recv_counts, group)  # (2, n_src, B, R, H, D)
+    _, n_src, _, R, _, _ = got.shape
+    # (n_src, B, R, H, D) -> (n_src * B, R, H, D), views (the data may still be arriving):
+    # batch rows of source i follow each other
+    return got[0].view(n_src * B, R, H, D), got[1].view(n_src * B, R, H, D)
 
 
 def spanning_calls(

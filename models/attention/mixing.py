@@ -178,9 +178,24 @@ def plan(q, sources, calls, *, covers_all: bool, scale: float, backend: str) -> 
     )
 
 
+# Receives still in flight (context parallelism, distributed.py): ``(work, tensors kept
+# alive)`` filling sources 1, 2, ... of the plan about to run. mixed_forward runs the calls on
+# source 0 (this rank's own keys) first and waits only before the first call that reads a
+# received source: the local pairs are computed while the other ranks' rows travel.
+IN_FLIGHT: list = []
+
+
+def wait_in_flight() -> None:
+    while IN_FLIGHT:
+        work, _ = IN_FLIGHT.pop(0)
+        work.wait()
+
+
 def mixed_forward(p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """The mixed output ``(B, N, H, D)`` in q's dtype and the mixed LSE ``(B, N, H)`` in the
-    accumulation dtype (float32, or float64 for float64 inputs)."""
+    accumulation dtype (float32, or float64 for float64 inputs). With receives in flight
+    (:data:`IN_FLIGHT`), calls on received sources run last (a stable sort: ``first`` calls,
+    all on source 0, keep their place), each after the wait."""
     q = p.q
     B, N, H, D = q.shape
     acc = _acc_dtype(q.dtype)
@@ -189,11 +204,17 @@ def mixed_forward(p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty((B, N, H), dtype=acc, device=q.device)
     if not p.covers_all:
         lse.fill_(float("-inf"))
-    for call in p.runs():
+    calls = p.runs()
+    if IN_FLIGHT:
+        calls = sorted(calls, key=lambda call: call.source > 0)
+    for call in calls:
+        if call.source > 0:
+            wait_in_flight()
         k, v = p.sources[call.source]
         views = (call.q.view(q), call.kv.view(k), call.kv.view(v))
         out, l_blk = attention_forward(*views, **_kernel_args(p, call))
         _merge(call.q.view(o), call.q.view(lse), out, l_blk, fresh=call.first)
+    wait_in_flight()  # nothing leaves with a receive pending
     return o.to(q.dtype), lse
 
 
@@ -218,6 +239,7 @@ def _merge(o, lse, out, l_blk, fresh: bool) -> None:
 def mixed_backward(p: Plan, dout, out, lse):
     """Gradients ``(dq, [(dk, dv), ...])`` in the inputs' dtypes: each call's kernel backward,
     run with the mixed output ``out`` (q's dtype, as the kernels take it) and mixed LSE."""
+    wait_in_flight()
     q, acc = p.q, lse.dtype
     dout = strided_ok(dout)
     dq = (torch.empty if p.covers_all else torch.zeros)(q.shape, dtype=acc, device=q.device)

@@ -226,3 +226,34 @@ def dropout_masks_differ_by_slice(rank, world) -> None:
     every = [torch.empty_like(masks[0]) for _ in range(world)]
     dist.all_gather(every, masks[0])
     assert not torch.equal(every[0], every[1]), "the slices of a window share a dropout mask"
+
+
+def local_pairs_run_while_rows_travel(rank, world) -> None:
+    """The exchanges are launched and not waited on: when the attention starts, messages are
+    in flight, the calls on this rank's own keys run first, and the one wait comes only
+    before the first call that reads received rows (or at the end, on a rank that only
+    sends)."""
+    from models.attention import mixing
+
+    events = []
+    forward, wait = mixing.attention_forward, mixing.wait_in_flight
+
+    def kernel(*args, **kwargs):
+        events.append("kernel")
+        return forward(*args, **kwargs)
+
+    def waiting():
+        if mixing.IN_FLIGHT:
+            events.append("wait")
+        wait()
+
+    mixing.attention_forward, mixing.wait_in_flight = kernel, waiting
+    try:
+        q = torch.randn(1, 32, 4, 8)
+        dilated_attention(q, q, q, [8, 64], [1, 2], group=dist.group.WORLD)
+    finally:
+        mixing.attention_forward, mixing.wait_in_flight = forward, wait
+    first = events.index("wait")  # (rank 0 only sends: it waits for its sends at the end)
+    assert first > 0 and events.count("wait") == 1, events
+    if rank == 1:  # it reads rank 0's rows after the wait
+        assert "kernel" in events[first:], events
