@@ -444,6 +444,93 @@ def demo_calibration(results_dir: Path) -> str:
     )
 
 
+TABLE2_NAMES = {
+    "transformer": "Transformer",
+    "sparse_transformer": "Sparse Transformer",
+    "longnet": "LongNet",
+}
+TABLE2_RECIPE = (
+    "python -m experiments.studies.paper_table2 (make table2: two shards, then the table)"
+)
+
+
+def _table2_runs(results_dir: Path) -> list[dict]:
+    return json.loads((results_dir / "paper_table2_recipe/results.json").read_text())["runs"]
+
+
+@table("table2_recipe")
+def table2_recipe(results_dir: Path) -> str:
+    return study_table(results_dir, "paper_table2_recipe/table.md", TABLE2_RECIPE)
+
+
+@table("figure7b_recipe")
+def figure7b_recipe(results_dir: Path) -> str:
+    """The paper's Figure 7b: the mean NLL of the same final tokens given a growing prompt,
+    per run (eval.py's prompting curve, at the longest evaluation length)."""
+    f = "paper_table2_recipe/results.json"
+    runs = _table2_runs(results_dir)
+    prompts = sorted({int(p) for r in runs for p in r.get("prompting", {})})
+    rows = [[TABLE2_NAMES[r["model"]], r["seq_len"],
+             *(f"{r['prompting'][str(p)]:.3f}" if str(p) in r.get("prompting", {}) else "-"
+               for p in prompts)] for r in runs]  # fmt: skip
+    header = ["model", "training length", *(f"prompt {p}" for p in prompts)]
+    return markdown(header, rows) + "\n\n" + source(results_dir, [f], TABLE2_RECIPE)
+
+
+@table("figure6_recipe")
+def figure6_recipe(results_dir: Path) -> str:
+    """The paper's Figure 6 question from the same runs: the same model trained at growing
+    lengths on the same tokens, perplexity at its own length and at every evaluation length,
+    and the attention FLOPs it spent training."""
+    f = "paper_table2_recipe/results.json"
+    runs = [r for r in _table2_runs(results_dir) if r["model"] != "sparse_transformer"]
+    runs.sort(key=lambda r: (r["model"], r["seq_len"]))
+    lengths = sorted({int(n) for r in runs for n in r["eval"]})
+    rows = []
+    for r in runs:
+        ppl = {int(n): v for n, v in r["eval"].items()}
+        rows.append([TABLE2_NAMES[r["model"]], r["seq_len"], _cell(ppl.get(r["seq_len"])),
+                     *(_cell(ppl.get(n)) for n in lengths),
+                     _cell(r.get("attn_tflop")), f"{r['train']['train_seconds']:.0f}"])  # fmt: skip
+    header = [
+        "model",
+        "training length",
+        "ppl at its own length",
+        *(f"ppl @{n}" for n in lengths),
+        "attention TFLOP (training)",
+        "train s",
+    ]
+    return markdown(header, rows) + "\n\n" + source(results_dir, [f], TABLE2_RECIPE)
+
+
+def _cell(x) -> str:
+    return f"{x:.2f}" if isinstance(x, (int, float)) and x == x else "-"
+
+
+@table("demo")
+def demo(results_dir: Path) -> str:
+    """What `make demo` measured: its training time, perplexity by context, the span probe."""
+    d = "demo"
+    files = [f"{d}/ppl_vs_context.json", f"{d}/repeated_span.csv", f"{d}/timing.json"]
+    ppl = {r["context_length"]: r["ppl"] for r in read_json_rows(results_dir / files[0])}
+    span = {r["distance"]: r["drop"] for r in read_csv(results_dir / files[1])}
+    t = json.loads((results_dir / files[2]).read_text())
+    lines = [
+        f"Training: first stage {t['stage']['steps']} steps in {t['stage']['train_seconds']} s, "
+        f"second {t['main']['steps']} steps in {t['main']['train_seconds']} s (validation "
+        f"perplexity {t['main']['val_ppl_end']}); `make demo` {t['make_demo_wall_seconds']:.0f} s "
+        "wall with eval.py.",
+        "",
+        markdown(["context (tokens)", *map(str, sorted(ppl))],
+                 [["perplexity", *(f"{ppl[n]:.2f}" for n in sorted(ppl))]]),
+        "",
+        markdown(["copy distance d", *map(str, sorted(span))],
+                 [["NLL drop (nats/token)", *(f"{span[k]:.2f}" for k in sorted(span))]]),
+    ]  # fmt: skip
+    note = "also runs/demo/eval/repeated_span.csv, copied as experiments/results/demo/"
+    return "\n".join(lines) + "\n\n" + source(results_dir, [files[0], files[2]], "make demo", note)
+
+
 @table("headline", document="README.md")
 def headline(results_dir: Path) -> str:
     """A few numbers from the tables of experiments/README.md, each with its file."""
@@ -458,9 +545,13 @@ def headline(results_dir: Path) -> str:
     recv = [r["fwd_received"] / 2**20 for r in p4]
     recall = read_csv(results_dir / "long_range_tiny/recall.csv")
     dense_256 = [r["accuracy"] for r in recall if r["run"] == "dense" and r["length"] == 256]
-    t2 = md_tables(results_dir / "paper_table2_tiny/table.md")[0].splitlines()[2:]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in t2]
-    flat = [float(c[5]) / float(c[3]) - 1 for c in cells]  # ppl @8192 against @512
+    t2 = {(r["model"], r["seq_len"]): {int(n): v for n, v in r["eval"].items()}
+          for r in _table2_runs(results_dir)}  # fmt: skip
+    demo_ppl = {
+        r["context_length"]: r["ppl"]
+        for r in read_json_rows(results_dir / "demo/ppl_vs_context.json")
+    }
+    demo_t = json.loads((results_dir / "demo/timing.json").read_text())
     recipe = "copying_calibration/trainpy_recipe/dense_"
     ppl = {
         r["context_length"]: r["ppl"] for r in read_csv(results_dir / f"{recipe}ppl_vs_context.csv")
@@ -477,9 +568,16 @@ def headline(results_dir: Path) -> str:
          f"{short(min(r['n'] for r in p4))}-{short(max(r['n'] for r in p4))}",
          f"{min(recv):.0f}-{max(recv):.0f} MiB",
          "`experiments/results/context_parallel/seqpar_extended.csv`"],
-        ["tiny Table 2: perplexity change from 512 to 8192 tokens of context",
-         f"{min(flat) * 100:+.1f}% to {max(flat) * 100:+.1f}%",
-         "`experiments/results/paper_table2_tiny/table.md`"],
+        ["`make demo` (LongNet 2 x 128, copying recipe): perplexity at 512 tokens of context "
+         "against 64; training time on 2 cores",
+         f"{100 * (demo_ppl[512] / demo_ppl[64] - 1):+.0f}%; "
+         f"{demo_t['stage']['train_seconds'] + demo_t['main']['train_seconds']} s",
+         "`experiments/results/demo/ppl_vs_context.json`, `demo/timing.json`"],
+        ["Table 2 with the recipe, trained at 2048, scored at 8192 against 2048: LongNet; "
+         "Sparse Transformer",
+         "; ".join(f"{100 * (t2[(m, 2048)][8192] / t2[(m, 2048)][2048] - 1):+.0f}%"
+                   for m in ("longnet", "sparse_transformer")),
+         "`experiments/results/paper_table2_recipe/results.json`"],
         ["recall probe, dense attention at its training length (L = 256)",
          _percent_range(dense_256) + " at every distance",
          "`experiments/results/long_range_tiny/recall.csv`"],

@@ -100,7 +100,8 @@ def finish(spec: Table2Spec, results: list[FinishedRun], out: Path, args=None) -
         f"# {spec.name}: perplexity by evaluation length",
         "",
         f"{spec.tokens_per_batch} tokens per batch, {spec.steps} steps for every model"
-        f"{runner.curriculum_text(spec, stages)} (train s: both); LongNet "
+        f"{runner.curriculum_text(spec, stages)}"
+        f"{'' if not stages or spec.curriculum.shared else ' (train s: both)'}; LongNet "
         f"w={w} r={r}; eval.py {' '.join(spec.eval.args)}. Span drop: the repeated-span "
         f"probe's NLL drop (nats per token) with a copy d tokens back, at the longest length. "
         f"Measured {time.strftime('%Y-%m-%d')}.",
