@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from experiments.bench.measure import RESULTS, K, machine, median
-from models.decoding import Decoder, cache_bytes
+from models.decoding import DecodeError, Decoder, cache_bytes
 from models.transformer import TransformerLM
 from pipeline import display
 from pipeline.provenance import write_results
@@ -91,18 +91,26 @@ def main(argv=None) -> list[dict]:
         cfg = replace(model_config_named(file), **changes)
         model = TransformerLM(cfg).to(args.device).eval()
         for n in args.sizes:
-            row = {"model": name, "context": n, **measure(model, n, args.new, args.prefill_chunk,
-                                                           args.device)}  # fmt: skip
+            try:
+                row = {"model": name, "context": n, "note": "",
+                       **measure(model, n, args.new, args.prefill_chunk, args.device)}  # fmt: skip
+            except DecodeError as err:  # what the decoder refuses is a result, not a crash
+                row = {"model": name, "context": n, "note": f"not reached: {err}"}
+                print(f"{name:22s} N={n:6d}  {row['note'][:100]}", flush=True)
+                rows.append({**row, **machine(args.device, torch.float32)})
+                continue
             print(f"{name:22s} N={n:6d}  prefill {row['prefill_s']:8.3f} s  decode "
                   f"{row['decode_tok_s']:8.1f} tok/s  cache {row['cache_mib']:8.2f} MiB",
                   flush=True)  # fmt: skip
             rows.append({**row, **machine(args.device, torch.float32)})
-    columns = ["model", "context", "prefill_s", "decode_tok_s", "cache_mib"]
+    columns = ["model", "context", "prefill_s", "decode_tok_s", "cache_mib", "note"]
     write_results(args.out / "decode.csv", rows, columns=columns + ["device", "threads"])
-    cells = [[r["model"], str(r["context"]), f"{r['prefill_s']:.3f}", f"{r['decode_tok_s']:.1f}",
-              f"{r['cache_mib']:.2f}"] for r in rows]  # fmt: skip
-    print(display.markdown_table(["model", "context", "prefill s", "decode tok/s", "cache MiB"],
-                                 cells))  # fmt: skip
+    cell = lambda r, k, f: format(r[k], f) if k in r else "-"  # noqa: E731
+    cells = [[r["model"], str(r["context"]), cell(r, "prefill_s", ".3f"),
+              cell(r, "decode_tok_s", ".1f"), cell(r, "cache_mib", ".2f"), r["note"][:60]]
+             for r in rows]  # fmt: skip
+    print(display.markdown_table(["model", "context", "prefill s", "decode tok/s", "cache MiB",
+                                  "note"], cells))  # fmt: skip
     return rows
 
 
