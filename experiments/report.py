@@ -531,6 +531,19 @@ def demo(results_dir: Path) -> str:
     return "\n".join(lines) + "\n\n" + source(results_dir, [files[0], files[2]], "make demo", note)
 
 
+@table("decode")
+def decode(results_dir: Path) -> str:
+    """Decoding cost against context (experiments/bench/decode.py)."""
+    f = "decode/decode.csv"
+    rows = read_csv(results_dir / f)
+    cell = lambda r, k, spec: "-" if r.get(k) is None else format(r[k], spec)  # noqa: E731
+    out = [[r["model"], short(r["context"]), cell(r, "prefill_s", ".2f"),
+            cell(r, "decode_tok_s", ".0f"), cell(r, "cache_mib", ".2f"),
+            (r.get("note") or "")[:70]] for r in rows]  # fmt: skip
+    header = ["model", "context", "prefill s", "decode tokens/s", "cache MiB", "note"]
+    return markdown(header, out) + "\n\n" + source(results_dir, [f], "make decode")
+
+
 @table("headline", document="README.md")
 def headline(results_dir: Path) -> str:
     """A few numbers from the tables of experiments/README.md, each with its file."""
