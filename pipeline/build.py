@@ -95,6 +95,10 @@ def callbacks(cfg: RunConfig) -> list[L.Callback]:
             every_n_train_steps=cfg.checkpoint.every_n_steps,
             filename="step{step:07d}",
             auto_insert_metric_name=False,
+            # a run's checkpoint directory is its own: a last.ckpt that Lightning did not write
+            # (the preemption save) is overwritten, not kept beside a new last-v1.ckpt that
+            # eval.py, init_from and resume=auto would never read
+            enable_version_counter=False,
         ),
         NonFiniteGuard(cfg.optim.nonfinite, cfg.optim.max_nonfinite_steps),
         Throughput(cfg.context_parallel),

@@ -108,6 +108,9 @@ def resume_and_compare(tiny_args, run: Path, straight: dict, first: int) -> None
     merged = metric(run, "train/loss")  # every step logged once or more, nothing lost
     assert sorted(merged) == list(range(STEPS))
     assert all(abs(merged[s] - straight[s]) <= 1e-6 for s in merged)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == STEPS  # what eval.py and init_from read is the last step
+    assert not list((run / "checkpoints").glob("*-v*.ckpt"))  # no versioned copy beside it
 
 
 # -- killed ----------------------------------------------------------------------------------
@@ -171,6 +174,17 @@ def test_preempted_saves_at_the_end_of_the_step(tiny_args, tmp_path, straight, s
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6
     resume_and_compare(tiny_args, run, straight, first=6)
+
+
+def test_preempted_before_the_first_periodic_checkpoint(tiny_args, tmp_path, straight):
+    """The preemption's last.ckpt is the only checkpoint: once resumed, the run's last step
+    must land in last.ckpt itself (Lightning used to write last-v1.ckpt beside it, and
+    eval.py read the preempted step's weights)."""
+    run = tmp_path / "run"
+    args = tiny_args(run, f"trainer.max_steps={STEPS}")
+    status, out = signal_at({"pause_step": [2, 1.5]}, args, tmp_path, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, out
+    resume_and_compare(tiny_args, run, straight, first=2)
 
 
 def test_second_signal_exits_at_once(tiny_args, tmp_path):
