@@ -4,7 +4,6 @@ and stand-in flash_attn packages with the exact signatures of 2.5, 2.6 and 2.7+
 (tests/support/flash_attn_standin.py). No GPU runs here; `make gpu-check` is the GPU side.
 """
 
-import dataclasses
 import warnings
 
 import pytest
@@ -17,6 +16,7 @@ from models.attention.mixing import mixed_backward, mixed_forward
 from tests.support import flash_attn_standin
 from tests.support.cuda_contract import fake_cuda
 from tests.support.fake_runs import PATTERNS, fake_forward_backward
+from tests.support.flash_compare import assert_flash_equals_math
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
           "fp64": torch.float64}  # fmt: skip
@@ -213,13 +213,5 @@ def test_flash_glue_gives_the_mixed_attention_numbers(version, head_dim):
         torch.randn(2, 50, 4, head_dim, generator=gen).to(torch.bfloat16) for _ in range(4)
     )
     reference = dilated_plan(q, k, v, [10, 25], [1, 3], backend="math")
-    out_ref, lse_ref = mixed_forward(reference)
-    grads_ref = mixed_backward(reference, dout, out_ref, lse_ref)
-    with flash_attn_standin.installed(version, allow_cpu=True):
-        flash = dataclasses.replace(reference, backend="flash")
-        out, lse = mixed_forward(flash)
-        grads = mixed_backward(flash, dout, out, lse)
-    torch.testing.assert_close(out.float(), out_ref.float(), atol=2e-2, rtol=0)
-    torch.testing.assert_close(lse, lse_ref, atol=1e-3, rtol=0)
-    for g, r in zip([grads[0], *grads[1][0]], [grads_ref[0], *grads_ref[1][0]], strict=True):
-        torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=0)
+    assert_flash_equals_math(reference, mixed_forward, mixed_backward, dout, version,
+                             grads=lambda g: [g[0], *g[1][0]])  # fmt: skip
