@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.attention import distributed
 from models.attention.backends import flash_unsupported
 from models.attention.dilated import (
     check_coverage,
@@ -89,6 +90,7 @@ class ModelConfig:
     norm: NormKind = "subln"  # subln: MAGNETO; pre: pre-LN
     tie_embeddings: bool = True  # output layer shares the input embedding
     init: InitKind = "auto"  # auto: magneto for subln, gpt2 for pre; torch: PyTorch's own
+    embed_std: float | None = None  # re-draw the input embedding from normal(this); null: keep
     checkpointing: CheckpointingKind = "none"  # layer | sublayer: recomputed in the backward
     recompute_chunk: int = 8192  # sublayer: tokens per recomputed piece of the feed-forward
 
@@ -115,6 +117,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.embed_std is not None and not (
+            isinstance(self.embed_std, (int, float)) and not isinstance(self.embed_std, bool)
+            and math.isfinite(self.embed_std) and self.embed_std > 0
+        ):  # fmt: skip
+            raise ValueError(f"embed_std must be a positive number or null, got {self.embed_std!r}")
         if self.xpos_scale_base <= 0 or self.rope_base <= 0:
             raise ValueError("xpos_scale_base and rope_base must be positive")
         if self.attention == "dilated":
@@ -166,8 +173,9 @@ class Slice:
             return cls(documents.positions(), documents.token_lengths(), None, documents)
         if group is None or dist.get_world_size(group) == 1:
             return cls(torch.arange(n, device=tokens.device), n)
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        return cls(torch.arange(rank * n, (rank + 1) * n, device=tokens.device), world * n, group)
+        # global positions of this rank's tokens, under the group's layout (distributed.py)
+        where = distributed.positions(group, n, tokens.device)
+        return cls(where, dist.get_world_size(group) * n, group)
 
 
 class Attention(nn.Module):
@@ -316,7 +324,17 @@ class TransformerLM(nn.Module):
         +-1/sqrt(fan_in); a tied embedding takes the output layer's, reset last). At width 128
         these are 2-4x gpt2's 0.02, and on the recall task (data.source=recall) they let the
         two-layer copying circuit form within a few hundred steps where gpt2's and magneto's
-        did not in 600 (experiments/README.md, section 6)."""
+        did not in 600 (experiments/README.md, section 6).
+
+        ``embed_std`` then re-draws the input embedding alone (and so a tied output layer) from
+        normal(embed_std). MAGNETO's embeddings, normal(d^-1/2) (0.088 at width 128), are what
+        kept its copying circuit from forming in the calibration runs; the paper's init with
+        ``embed_std=1`` formed it as fast as PyTorch's (experiments/README.md, section 7)."""
+        self._init_weights()
+        if self.config.embed_std is not None:
+            nn.init.normal_(self.embed.weight, std=float(self.config.embed_std))
+
+    def _init_weights(self) -> None:
         cfg = self.config
         init = cfg.init if cfg.init != "auto" else ("magneto" if cfg.norm == "subln" else "gpt2")
         if init == "torch":

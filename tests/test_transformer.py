@@ -150,6 +150,31 @@ def test_init_schemes(norm, init, embed_std, qkv_std):
     assert (model.blocks[0].attn.qkv.bias.abs().max().item() == 0) == biases_zero
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_embed_std_redraws_the_embedding_alone(tie):
+    """``embed_std`` changes the input embedding (and a tied output layer with it) and nothing
+    else: every other weight is the paper's init as drawn without it."""
+    cfg = dict(**{**SMALL, "vocab_size": 4096}, norm="subln", init="magneto", tie_embeddings=tie)
+    torch.manual_seed(0)
+    plain = TransformerLM(ModelConfig(**cfg))
+    torch.manual_seed(0)
+    redrawn = TransformerLM(ModelConfig(**cfg, embed_std=1.0))
+    assert redrawn.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert plain.embed.weight.std().item() == pytest.approx(32**-0.5, rel=0.05)
+    assert (redrawn.lm_head.weight is redrawn.embed.weight) == tie
+    others = [n for n, _ in plain.named_parameters() if not n.startswith(("embed", "lm_head"))]
+    for name in others:
+        torch.testing.assert_close(
+            dict(redrawn.named_parameters())[name], dict(plain.named_parameters())[name]
+        )
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "1"])
+def test_bad_embed_std_is_rejected(bad):
+    with pytest.raises(ValueError, match="embed_std must be a positive number or null, got"):
+        ModelConfig(**SMALL, embed_std=bad)
+
+
 def test_unknown_key_is_rejected():
     with pytest.raises(ValueError, match=r"unknown model keys \['n_layers'\]"):
         ModelConfig.from_dict({**SMALL, "n_layers": 3})
