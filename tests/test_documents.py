@@ -22,15 +22,12 @@ from models.attention.documents import Documents, ladder
 from models.attention.sliding import (
     block_causal_attention,
     blockwise_attention,
-    chunked_document_plan,
     sliding_window_attention,
 )
 from models.attention.sparse import sparse_attention
-from models.attention.varlen import varlen_backward, varlen_forward
 from models.transformer import ModelConfig, TransformerLM
 from pipeline.training import train
 from settings.schema import RunConfig
-from tests.support.flash_compare import assert_flash_equals_math
 from tests.support.references import (
     blockwise_mask,
     dilated_attention_ref,
@@ -323,23 +320,3 @@ def test_document_mask_refused_where_not_built(kw, message):
 def test_document_mask_needs_a_text_source():
     with pytest.raises(ValueError, match="document_mask applies to text sources"):
         DataConfig(source="recall", document_mask=True, vocab_size=512)
-
-
-# ----------------------------------------------------------------------------------------------
-# the CUDA kernels' glue through the gathered pieces: flash-attn stand-ins on CPU tensors
-
-
-@pytest.mark.parametrize("version", ["2.5.0", "2.6.3", "2.8.3"])
-@pytest.mark.parametrize("pattern", ["dilated", "sliding"])
-def test_flash_glue_gives_the_document_numbers(version, pattern):
-    """Padded pieces through each flash-attn interface (its LSE layouts, head_dim padding, the
-    pad's +inf LSE in its backward) equal the same plan on plain matmuls; the sliding pattern's
-    masked calls go to torch's kernel, as without documents."""
-    gen = torch.Generator().manual_seed(0)
-    q, k, v, dout = (torch.randn(2, N, 4, 20, generator=gen).bfloat16() for _ in range(4))
-    docs = Documents.of(cu_seqlens(ROWS), 2, N, q.device)
-    if pattern == "dilated":
-        reference = dilated_document_plan(q, k, v, [4, 8, 16], [1, 2, 4], docs, backend="math")
-    else:
-        reference = chunked_document_plan(q, k, v, 6, docs, sliding=True, backend="math")
-    assert_flash_equals_math(reference, varlen_forward, varlen_backward, dout, version)

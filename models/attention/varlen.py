@@ -13,6 +13,9 @@ log-sum-exp) are mixing.py's; what is new is where rows come from and go to:
 - results go to accumulators with one extra row, the pad's, dropped at the end;
 - in the backward the pad's log-sum-exp is ``+inf``: its probabilities are 0, so it adds
   nothing to any gradient, whatever was gathered for it.
+
+With flash-attn (CUDA, fp16/bf16) an unmasked call skips the padding altogether: its real rows
+run as flash-attn's varlen kernels, one sequence per (piece, head) (``flash_varlen.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from models.attention import flash_varlen
 from models.attention.backends import MAX_CUDA_GROUPS, attention_backward, attention_forward
 from models.attention.mixing import CHUNK_ROWS, CPU_CHUNK_ROWS, _acc_dtype, _additive
 
@@ -48,6 +52,14 @@ class VarlenCall:
             replace(self, q=self.q[g : g + per], kv=self.kv[g : g + per]) for g in range(0, G, per)
         ]
 
+    def packed(self, pad: int) -> list[flash_varlen.Packed]:
+        """This call as flash-attn varlen calls (real rows only), made once per call: the
+        plan's calls are shared by the layers. Kept in the instance's ``__dict__``, as
+        ``functools.cached_property`` does on a frozen dataclass."""
+        if "_packed" not in self.__dict__:
+            self.__dict__["_packed"] = flash_varlen.pack(self.q, self.kv, pad, self.causal)
+        return self.__dict__["_packed"]
+
 
 @dataclass(frozen=True)
 class VarlenPlan:
@@ -60,9 +72,18 @@ class VarlenPlan:
     scale: float
     backend: str
 
+    def varlen(self, call: VarlenCall) -> bool:
+        """Whether ``call`` runs through flash-attn's varlen kernels (which take no mask)."""
+        return self.backend == "flash" and call.mask is None
+
     def runs(self) -> list[VarlenCall]:
+        """The calls, those of the padded path in pieces of bounded rows."""
         rows = CPU_CHUNK_ROWS if self.q.device.type == "cpu" else CHUNK_ROWS
-        return [piece for call in self.calls for piece in call.pieces(rows)]
+        return [
+            piece
+            for call in self.calls
+            for piece in ([call] if self.varlen(call) else call.pieces(rows))
+        ]
 
     def with_tensors(self, q, k, v) -> VarlenPlan:
         return replace(self, q=q, k=k, v=v)
@@ -83,6 +104,34 @@ def _kernel_args(p: VarlenPlan, call: VarlenCall) -> dict:
     return dict(causal=call.causal, scale=p.scale, mask=mask, backend=p.backend)
 
 
+def _forward_parts(p: VarlenPlan, call: VarlenCall, q, k, v):
+    """``(at (T,), out (T, D), lse (T,))`` of one call: flat rows and their results."""
+    if p.varlen(call):  # flash-attn varlen: real rows only
+        for pk in call.packed(q.shape[0]):
+            out, l_blk = flash_varlen.varlen_forward(q[pk.q], k[pk.kv], v[pk.kv], pk, p.scale)
+            yield pk.q, out, l_blk
+        return
+    views = _gather(q, call.q), _gather(k, call.kv), _gather(v, call.kv)
+    out, l_blk = attention_forward(*views, **_kernel_args(p, call))
+    yield call.q.flatten(), out.reshape(-1, q.shape[-1]), l_blk.flatten()
+
+
+def _backward_parts(p: VarlenPlan, call: VarlenCall, dout, q, k, v, out, lse_rows):
+    """``[(q_at, dq), (kv_at, dk), (kv_at, dv)]`` per kernel call of ``call``."""
+    if p.varlen(call):
+        for pk in call.packed(q.shape[0]):
+            views = dout[pk.q], q[pk.q], k[pk.kv], v[pk.kv], out[pk.q], lse_rows[pk.q]
+            parts = flash_varlen.varlen_backward(*views, pk, p.scale)
+            yield zip((pk.q, pk.kv, pk.kv), parts, strict=True)
+        return
+    views = [_gather(dout, call.q), _gather(q, call.q), _gather(k, call.kv)]
+    views += [_gather(v, call.kv), _gather(out, call.q), lse_rows[call.q]]
+    parts = attention_backward(*views, **_kernel_args(p, call))
+    D = q.shape[-1]
+    yield zip((call.q.flatten(), call.kv.flatten(), call.kv.flatten()),
+              (part.reshape(-1, D) for part in parts), strict=True)  # fmt: skip
+
+
 def varlen_forward(p: VarlenPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """The mixed output ``(B, N, H, D)`` in q's dtype and log-sum-exp ``(B, N, H)`` in the
     accumulation dtype; a (position, head) no call covers gets 0 and ``-inf``."""
@@ -92,16 +141,15 @@ def varlen_forward(p: VarlenPlan) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.full((B * N * H + 1,), float("-inf"), dtype=acc, device=p.q.device)
     q, k, v = _rows(p.q), _rows(p.k), _rows(p.v)
     for call in p.runs():
-        views = _gather(q, call.q), _gather(k, call.kv), _gather(v, call.kv)
-        out, l_blk = attention_forward(*views, **_kernel_args(p, call))
-        at, out, l_blk = call.q.flatten(), out.reshape(-1, D).to(acc), l_blk.flatten().to(acc)
-        if call.first:
-            o[at], lse[at] = out, l_blk
-            continue
-        old = lse[at]
-        new = torch.logaddexp(old, l_blk)
-        o[at] = o[at] * torch.exp(old - new)[:, None] + out * torch.exp(l_blk - new)[:, None]
-        lse[at] = new
+        for at, out, l_blk in _forward_parts(p, call, q, k, v):
+            out, l_blk = out.to(acc), l_blk.to(acc)
+            if call.first:
+                o[at], lse[at] = out, l_blk
+                continue
+            old = lse[at]
+            new = torch.logaddexp(old, l_blk)
+            o[at] = o[at] * torch.exp(old - new)[:, None] + out * torch.exp(l_blk - new)[:, None]
+            lse[at] = new
     return o[:-1].view(B, N, H, D).to(p.q.dtype), lse[:-1].view(B, N, H)
 
 
@@ -114,11 +162,9 @@ def varlen_backward(p: VarlenPlan, dout, out, lse):
     lse_rows = torch.cat([lse.reshape(-1), lse.new_full((1,), float("inf"))])  # pad: +inf
     q, k, v, dout, out = (_rows(x) for x in (p.q, p.k, p.v, dout.contiguous(), out))
     for call in p.runs():
-        views = [_gather(dout, call.q), _gather(q, call.q), _gather(k, call.kv)]
-        views += [_gather(v, call.kv), _gather(out, call.q), lse_rows[call.q]]
-        parts = attention_backward(*views, **_kernel_args(p, call))
-        for g, at, part in zip(grads, (call.q, call.kv, call.kv), parts, strict=True):
-            g.index_add_(0, at.flatten(), part.reshape(-1, D).to(acc))
+        for parts in _backward_parts(p, call, dout, q, k, v, out, lse_rows):
+            for g, (at, part) in zip(grads, parts, strict=True):
+                g.index_add_(0, at, part.to(acc))
     return tuple(
         g[:-1].view(B, N, H, D).to(x.dtype) for g, x in zip(grads, (p.q, p.k, p.v), strict=True)
     )
