@@ -49,35 +49,46 @@ def write_outputs(results, lengths, cfg: EvalConfig, split_names, out_dir: Path)
     tmp = staging(out_dir)
     corpus = f"{cfg.data.source or 'own corpus'}, {' / '.join(sorted(set(split_names)))} split"
     cap = cfg.max_tokens_per_document
-    title = f"{corpus}; {sc.POLICY}" + (f"; first {cap} tokens of each" if cap else "")
-    _write_ppl(tmp, results, corpus)
+    method = sc.policy(cfg.window, cfg.stride)
+    title = f"{corpus}; {method}" + (f"; first {cap} tokens of each" if cap else "")
+    _write_ppl(tmp, results, corpus, cfg, method)
     _write_tables(tmp, results, cfg, split_names)
     _write_plots(tmp, results, cfg, corpus, title)
     _move(tmp, out_dir)
     print(table(results, lengths, title))
     if any(r.span for r in results):
         print(span_table(results))
-    print(f"wrote {out_dir}/ppl_vs_context.{{csv,json,png}}, prompting.{{csv,png}}, "
+    print(f"wrote {out_dir}/ppl_vs_context.{{csv,json,png}}, bpb_vs_context.png, "
+          "prompting.{csv,png}, "
           "positions.csv, documents.csv, repeated_span.{csv,png}")  # fmt: skip
 
 
-def _write_ppl(tmp: Path, results, corpus: str) -> None:
-    """ppl_vs_context.{csv,json}: one row per (model, context length)."""
+def _write_ppl(tmp: Path, results, corpus: str, cfg: EvalConfig, method: str) -> None:
+    """ppl_vs_context.{csv,json}: one row per (model, context length); bits per byte and
+    byte perplexity (2^bpb) beside token perplexity, with the window method of every row."""
+    stride = cfg.stride if cfg.window == "strided" else ""
     rows = [
         {
             "model": r.label,
             "context_length": n,
             "ppl": "" if a.ppl is None else a.ppl,
+            "bpb": "" if a.bpb is None else a.bpb,
+            "byte_ppl": "" if a.bpb is None else 2**a.bpb,
             "tokens": a.tokens,
+            "bytes": a.bytes,
+            "nll": a.nll,
             "note": a.reason or "",
             "documents": len(r.documents),
+            "window": cfg.window,
+            "stride": stride,
         }
         for r in results
         for n, a in r.lengths.items()
     ]
     _csv(tmp / "ppl_vs_context.csv", rows)
+    head = {"meta": meta(), "method": method, "window": cfg.window, "stride": stride or None}
     (tmp / "ppl_vs_context.json").write_text(
-        json.dumps({"meta": meta(), "method": sc.POLICY, "corpus": corpus, "rows": rows}, indent=1)
+        json.dumps({**head, "corpus": corpus, "rows": rows}, indent=1)
     )
 
 
@@ -88,7 +99,8 @@ def _write_tables(tmp: Path, results, cfg: EvalConfig, split_names) -> None:
         for r, s in zip(results, split_names, strict=True) for d in r.documents
     ])  # fmt: skip
     _csv(tmp / "prompting.csv", [
-        {"model": r.label, "prompt_length": p, "suffix": cfg.suffix, "mean_nll": v}
+        {"model": r.label, "bpb": r.prompting_bpb.get(p, ""), "prompt_length": p,
+         "suffix": cfg.suffix, "mean_nll": v}  # readers index the last three from the end
         for r in results for p, v in r.prompting.items()
     ])  # fmt: skip
     _csv(tmp / "positions.csv", [
@@ -110,6 +122,9 @@ def _write_plots(tmp: Path, results, cfg: EvalConfig, corpus: str, title: str) -
     ppl_curves = {r.label: {n: a.ppl for n, a in r.lengths.items()} for r in results}
     line_plot(tmp / "ppl_vs_context.png", ppl_curves, "context length (tokens)", "perplexity",
               title, fontsize=7)  # fmt: skip
+    bpb_curves = {r.label: {n: a.bpb for n, a in r.lengths.items()} for r in results}
+    line_plot(tmp / "bpb_vs_context.png", bpb_curves, "context length (tokens)",
+              "bits per byte", title, fontsize=7)  # fmt: skip
     line_plot(tmp / "prompting.png", {r.label: r.prompting for r in results},
               "prompt length (tokens)", f"mean NLL of the final {cfg.suffix} tokens", corpus,
               fontsize=7)  # fmt: skip
@@ -131,6 +146,12 @@ def table(results, lengths, title) -> str:
         for r in results
     ]
     text = markdown_table(["model", "docs", *map(str, lengths)], rows)
+    bpb = [[r.label, str(len(r.documents))]
+           + [f"{a.bpb:.4f}" if a.bpb is not None else "n/a" for a in r.lengths.values()]
+           for r in results]  # fmt: skip
+    text += "\nbits per byte by context length\n" + markdown_table(
+        ["model", "docs", *map(str, lengths)], bpb
+    )
     tokens = ["/".join(str(a.tokens) for a in r.lengths.values() if a.ppl) for r in results]
     return f"perplexity by context length ({title})\n{text}\nscored tokens per length: " + (
         "; ".join(tokens)

@@ -7,18 +7,22 @@ untouched)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.config import DataConfig
 from pipeline import recall_generation, recall_probe, span_probe
 from pipeline import scoring as sc
 from pipeline.eval_files import write_outputs, write_recall
+from pipeline.hf_models import is_hf, load_hf
 from pipeline.progress import Progress
 from settings.loading import ConfigError, load_eval_config, split_argv
-from settings.schema import EvalConfig
+from settings.schema import CORPUS_KEYS, EvalConfig
 
 log = logging.getLogger("eval")
 
@@ -55,7 +59,8 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
     first = group is None or dist.get_rank(group) == 0  # the one that reports and writes
     if first:
         for model in models:
-            recall_probe.say_reach(model.name, model.net.config, lengths[-1])
+            if not model.hf:
+                recall_probe.say_reach(model.name, model.net.config, lengths[-1])
     if _recall_only(models, group, cfg):
         return evaluate_recall(models, lengths, cfg, device)
     if cfg.recall_by_generation:  # before any work: a language model has no answers to decode
@@ -63,24 +68,65 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
             "recall_by_generation=true scores recall checkpoints (data.source=recall) only; "
             f"got language models {[m.name for m in models]} (set it false, the default)"
         )
-    names = [split_for(m, cfg.split) for m in models]
+    names = _split_names(models, cfg.split)
     splits = [sc.corpus_split(m, s) for m, s in zip(models, names, strict=True)]
-    docs = [sc.check_lengths(s, lengths, n) for s, n in zip(splits, names, strict=True)]
-    if cfg.max_documents is not None:  # all checks done before any work
-        docs = [dd[: cfg.max_documents] for dd in docs]
+    docs = [sc.check_lengths(s, lengths, n, cfg.min_document_tokens)
+            for s, n in zip(splits, names, strict=True)]  # fmt: skip
+    docs = select_documents(models, splits, docs, names, cfg)  # all checks before any work
     results = _score_all(models, splits, docs, names, lengths, cfg, device, first)
     if first:
         write_outputs(results, lengths, cfg, names, Path(cfg.out_dir))
     return results
 
 
+def _split_names(models: list[sc.Model], split: str) -> list[str]:
+    """Each model's split; a Hugging Face model reads the split of the first checkpoint."""
+    own = [split_for(m, split) for m in models if not m.hf]
+    other = own[0] if own else ("all" if split == "auto" else split)
+    return [other if m.hf else split_for(m, split) for m in models]
+
+
+def select_documents(models, splits, docs, names, cfg: EvalConfig) -> list[list[int]]:
+    """The documents each model scores. Models reading one corpus and split score the same
+    documents (by name: those that serve every length for all of them), so that their bits
+    per byte compare; ``max_documents`` keeps the first N, or with ``document_seed`` a seeded
+    random sample of N."""
+    keys = {
+        (tuple(getattr(m.data, k) for k in CORPUS_KEYS), n)
+        for m, n in zip(models, names, strict=True)
+    }
+    if len(models) > 1 and len(keys) == 1:
+        common = set.intersection(
+            *({s.names[d] for d in dd} for s, dd in zip(splits, docs, strict=True))
+        )
+        if not common:
+            raise ConfigError(
+                f"no document of the {names[0]} split serves every length for every model "
+                f"({[m.name for m in models]})"
+            )
+        docs = [[d for d in dd if s.names[d] in common] for s, dd in zip(splits, docs, strict=True)]
+    if cfg.max_documents is None:
+        return docs
+    out = []
+    for s, dd in zip(splits, docs, strict=True):
+        order = sorted(dd, key=lambda d: s.names[d])  # the same order for every tokenization
+        if cfg.document_seed is not None:
+            pick = np.random.default_rng(cfg.document_seed).permutation(len(order))
+            order = [order[i] for i in pick]
+        out.append(sorted(order[: cfg.max_documents]))
+    return out
+
+
 def _load_models(cfg: EvalConfig, group, device) -> list[sc.Model]:
-    """Every checkpoint, checked against cfg.data, set to score in ``group`` (context
-    parallel: dilated attention only) with cfg.loss_chunk."""
+    """Every checkpoint (and ``hf:`` model), checked against cfg.data, set to score in
+    ``group`` (context parallel: dilated attention only) with cfg.loss_chunk."""
     overrides = {k: getattr(cfg.data, k) for k in cfg.data.__dataclass_fields__}
-    models = [sc.load_checked(p, overrides, cfg.dense_blockwise, device) for p in cfg.checkpoints]
+    models = [sc.load_checked(p, overrides, cfg.dense_blockwise, device)
+              for p in cfg.checkpoints if not is_hf(p)]  # fmt: skip
+    if any(is_hf(p) for p in cfg.checkpoints):
+        models = _with_hf(cfg, models, overrides, device)
     for model in models:
-        if group is not None and model.net.config.attention != "dilated":
+        if group is not None and (model.hf or model.net.config.attention != "dilated"):
             raise ConfigError(
                 f"context_parallel={cfg.context_parallel} splits windows for dilated attention "
                 f"only; {model.name} has attention={model.net.config.attention!r}"
@@ -89,10 +135,24 @@ def _load_models(cfg: EvalConfig, group, device) -> list[sc.Model]:
     return models
 
 
+def _with_hf(cfg: EvalConfig, models, overrides, device) -> list[sc.Model]:
+    """``models`` with the ``hf:`` entries of cfg.checkpoints loaded in their places; they
+    read ``data`` (null keys: the first checkpoint's)."""
+    base = models[0].data.to_dict() if models else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not models and not given.get("source"):
+        raise ConfigError("hf: models alone need a corpus: give data.source (and data.path)")
+    data = DataConfig.from_dict({**base, **given})
+    loaded, out = iter(models), []
+    for p in cfg.checkpoints:
+        out.append(load_hf(p, data, device) if is_hf(p) else next(loaded))
+    return out
+
+
 def _recall_only(models: list[sc.Model], group, cfg: EvalConfig) -> bool:
     """Whether the checkpoints are recall tasks; raises if recall and language models are
     mixed, or recall ones are split across processes."""
-    recall = [m.data.source == "recall" for m in models]
+    recall = [not m.hf and m.data.source == "recall" for m in models]
     if any(recall) and (not all(recall) or group is not None):
         raise ConfigError(
             "recall checkpoints are scored by answer accuracy, one process, on their own: "
@@ -162,26 +222,28 @@ def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet
     """A model's Result: perplexity at every length, prompting curve, position profile."""
     res = sc.Result(model.label, documents=scored)
     cap = cfg.max_tokens_per_document
-    total = sum(len(sc.windows_at(split, docs, n, cap)) * n for n in lengths)
+    total = sum(len(sc.windows_at(split, docs, n, cap)) * n for n in lengths)  # about
     with Progress(total + len(docs) * len(prompts), desc=model.name, quiet=quiet) as bar:
         for n in lengths:
             try:
-                ppl, tokens, windows, mean = sc.perplexity(
-                    model, split, docs, n, cfg.batch_tokens, device, cap, bar
-                )
+                m = sc.measure(model, split, docs, n, cfg.batch_tokens, device, cap, bar,
+                               cfg.window, cfg.stride)  # fmt: skip
             except (ValueError, RuntimeError) as err:
                 reason = sc.not_reached(err)
                 if reason is None:
                     raise
                 res.lengths[n] = sc.AtLength(n, reason=f"not reached: {reason}")
                 continue
-            res.lengths[n] = sc.AtLength(n, ppl, tokens, windows)
+            ppl = math.exp(m.nll / m.tokens)
+            res.lengths[n] = sc.AtLength(n, ppl, m.tokens, m.windows, nll=m.nll, bytes=m.bytes)
             if n == lengths[-1]:
-                res.positions = sc.position_buckets(mean)
+                mean = m.sums / m.counts.clamp(min=1)
+                res.positions = sc.position_buckets(mean.masked_fill(m.counts == 0, math.nan))
         if prompts:
-            res.prompting = sc.prompting(model, split, docs, prompts, cfg.suffix, device, bar)
+            res.prompting, res.prompting_bpb = sc.prompting(model, split, docs, prompts,
+                                                            cfg.suffix, device, bar)  # fmt: skip
     reached = [n for n, a in res.lengths.items() if a.ppl is not None]
-    if cfg.span_windows and reached and reached[-1] >= 2 * cfg.span_length:
+    if cfg.span_windows and reached and reached[-1] >= 2 * cfg.span_length and not model.hf:
         n = reached[-1]
         starts = sc.windows_at(split, docs, n, cap)[: cfg.span_windows]
         try:

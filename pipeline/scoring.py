@@ -31,10 +31,12 @@ import torch.distributed as dist
 
 from data.config import DataConfig
 from data.corpus import Split, prepare
+from data.token_bytes import byte_table
 from models.attention import distributed
 from models.loss import chunked_nll
 from models.positional import XposRangeError
 from models.transformer import ModelConfig, TransformerLM, schedule_at
+from pipeline import windows
 from pipeline.checkpoints import check_checkpoint
 from settings.loading import ConfigError
 from settings.schema import CORPUS_KEYS
@@ -43,6 +45,20 @@ POLICY = (
     "disjoint in-document windows of L+1 tokens (L scored) from documents of at least "
     "max(L)+1 tokens, the same documents at every L"
 )
+LN2 = math.log(2)
+
+
+def policy(window: str, stride: int | None = None) -> str:
+    """The window method in words, stated in every output (pipeline/windows.py)."""
+    how = {
+        "disjoint": "disjoint in-document windows of L+1 tokens (L scored)",
+        "strided": f"strided windows of L+1 tokens every {stride} tokens, each scoring only the "
+        "tokens the previous did not (YaRN's sliding window)",
+        "truncate": "the first L+1 tokens of each document, once (YaRN's --truncate)",
+        "rolling": "lm-eval's rolling windows: every token after a start token, disjoint "
+        "windows of L+1, the last ending at the document's end",
+    }[window]
+    return f"window={window}: {how}; documents of at least max(L)+1 tokens, the same at every L"
 
 
 @dataclass
@@ -57,6 +73,9 @@ class Model:
     own_corpus: bool = True  # data names the corpus the model was trained on
     group: object = None  # the ranks that split each window (context_parallel), or None
     loss_chunk: int = 8192  # tokens per chunk of the output layer
+    hf: bool = False  # a Hugging Face causal LM (pipeline/hf_models.py), not a checkpoint
+    prefix: int | None = None  # the start token of rolling windows (EOD; hf: BOS, else EOS)
+    byte_table: np.ndarray | None = None  # (V,) bytes per token id (data/token_bytes.py)
 
 
 @dataclass
@@ -68,6 +87,13 @@ class AtLength:
     tokens: int = 0
     windows: int = 0
     reason: str | None = None  # set when not reached
+    nll: float = 0.0  # summed in float64 over the scored tokens, nats
+    bytes: int = 0  # UTF-8 bytes of the text the scored tokens cover
+
+    @property
+    def bpb(self) -> float | None:
+        """Bits per byte: NLL / bytes * log2(e)."""
+        return None if self.ppl is None or not self.bytes else self.nll / self.bytes / LN2
 
 
 @dataclass
@@ -79,6 +105,7 @@ class Result:
     documents: list[str] = field(default_factory=list)  # names of the scored documents
     lengths: dict[int, AtLength] = field(default_factory=dict)
     prompting: dict[int, float] = field(default_factory=dict)  # P -> mean NLL (NaN: not run)
+    prompting_bpb: dict[int, float] = field(default_factory=dict)  # P -> bits per byte
     positions: list = field(default_factory=list)  # (bucket start, bucket end, mean NLL)
     span: list = field(default_factory=list)  # repeated-span probe rows (pipeline/span_probe)
     recall: list[dict] = field(default_factory=list)  # accuracy rows (pipeline/recall_probe)
@@ -136,16 +163,17 @@ def long_documents(split: Split, need: int) -> list[int]:
     return [d for d, n in enumerate(split.lengths) if n >= need]
 
 
-def check_lengths(split: Split, lengths: list[int], split_name: str) -> list[int]:
-    """The documents that serve every length, or a clear error."""
+def check_lengths(split: Split, lengths: list[int], split_name: str, least: int = 0) -> list[int]:
+    """The documents that serve every length (and have at least ``least`` tokens), or a
+    clear error."""
     if len(split.lengths) == 0:
         raise ConfigError(f"the {split_name} split of the corpus is empty")
-    docs = long_documents(split, max(lengths) + 1)
+    docs = long_documents(split, max(max(lengths) + 1, least))
     if not docs:
         raise ConfigError(
-            f"context length {max(lengths)} is longer than every document of the {split_name} "
-            f"split: its longest has {int(split.lengths.max())} tokens "
-            f"({len(split.lengths)} documents)"
+            f"context length {max(lengths)} (min_document_tokens={least}) is longer than every "
+            f"document of the {split_name} split: its longest has {int(split.lengths.max())} "
+            f"tokens ({len(split.lengths)} documents)"
         )
     return docs
 
@@ -240,47 +268,111 @@ def gather(split: Split, starts, length: int, device) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows)).to(device)
 
 
+@dataclass
+class Measured:
+    """Sums over every scored token at one context length."""
+
+    nll: float = 0.0  # nats, float64
+    tokens: int = 0
+    bytes: int = 0
+    windows: int = 0
+    sums: torch.Tensor | None = None  # (L,) NLL by target position in full windows
+    counts: torch.Tensor | None = None  # (L,) scored targets by position
+
+
+def model_nll(model: Model, windows: torch.Tensor) -> torch.Tensor:
+    """(W, S) token windows -> (W, S-1) per-target NLL, float64, whatever the model."""
+    if model.hf:
+        from pipeline.hf_models import hf_nll
+
+        return hf_nll(model.net, windows)
+    return nll(model.net, windows, model.group, model.loss_chunk)
+
+
+def document(model: Model, split: Split, d: int, cap=None, start: bool = False):
+    """(ids (n,), bytes (n,)) of document ``d`` (its first ``cap + 1`` tokens), int64; with
+    ``start`` the model's start token (0 bytes) in front."""
+    s, n = int(split.starts[d]), int(split.lengths[d])
+    n = n if cap is None else min(n, cap + 1)
+    ids = np.asarray(split.tokens[s : s + n], dtype=np.int64)
+    nb = split.bytes[s : s + n] if hasattr(split, "bytes") else model.byte_table[ids]
+    if start:
+        ids, nb = np.concatenate([[model.prefix], ids]), np.concatenate([[0], nb])
+    return ids, np.asarray(nb, dtype=np.int64)
+
+
+def measure(model, split, docs, length, batch_tokens, device, cap=None, bar=None,
+            window: str = "disjoint", stride: int | None = None) -> Measured:  # fmt: skip
+    """NLL, tokens and bytes of every token ``window`` scores at context ``length``
+    (pipeline/windows.py), windows of one size batched up to ``batch_tokens``."""
+    out = Measured(sums=torch.zeros(length, dtype=torch.float64))
+    out.counts = torch.zeros(length, dtype=torch.float64)
+    pending: dict[int, list] = {}  # window size -> [(ids, bytes of targets, first scored)]
+    for d in docs:
+        ids, nb = document(model, split, d, cap, start=window == "rolling")
+        for b, e, f in windows.plan(len(ids), length, window, stride):
+            rows = pending.setdefault(e - b, [])
+            rows.append((ids[b:e], nb[b + 1 : e], f - b - 1))
+            if len(rows) * (e - b - 1) >= batch_tokens:
+                _run(model, pending.pop(e - b), out, length, device, bar)
+    for rows in pending.values():
+        _run(model, rows, out, length, device, bar)
+    return out
+
+
+def _run(model, rows, out: Measured, length: int, device, bar) -> None:
+    """Adds one batch of equal-size windows to ``out``."""
+    batch = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)  # (W, S)
+    values = model_nll(model, batch).cpu()  # (W, S-1)
+    skip = torch.tensor([r[2] for r in rows])[:, None]
+    keep = (torch.arange(values.shape[1])[None, :] >= skip).double()  # (W, S-1) scored
+    nbytes = torch.from_numpy(np.stack([r[1] for r in rows]))
+    out.nll += (values * keep).sum().item()
+    out.tokens += int(keep.sum().item())
+    out.bytes += int((nbytes * keep).sum().item())
+    out.windows += len(rows)
+    if values.shape[1] == length:  # the position profile: full windows only
+        out.sums += (values * keep).sum(0)
+        out.counts += keep.sum(0)
+    if bar is not None:
+        bar.update(values.numel())
+
+
 def perplexity(
     model, split: Split, docs, length: int, batch_tokens: int, device, cap=None, bar=None
 ):
-    """(ppl, scored tokens, windows, mean NLL by position) at context length ``length``."""
-    starts = windows_at(split, docs, length, cap)
-    per_batch = max(1, batch_tokens // length)
-    total, count = 0.0, 0
-    sums = torch.zeros(length, dtype=torch.float64)
-    for i in range(0, len(starts), per_batch):
-        windows = gather(split, starts[i : i + per_batch], length, device)
-        values = nll(model.net, windows, model.group, model.loss_chunk).cpu()
-        total += values.sum().item()
-        count += values.numel()
-        sums += values.sum(0)
-        if bar is not None:
-            bar.update(values.numel())
-    return math.exp(total / count), count, len(starts), sums / len(starts)
+    """(ppl, scored tokens, windows, mean NLL by position) at context length ``length``,
+    disjoint windows (:func:`measure` gives every method, and bytes)."""
+    m = measure(model, split, docs, length, batch_tokens, device, cap, bar)
+    return math.exp(m.nll / m.tokens), m.tokens, m.windows, m.sums / m.counts.clamp(min=1)
 
 
 def prompting(model: Model, split: Split, docs, prompts: list[int], suffix: int, device, bar=None):
-    """P -> mean NLL of the same final ``suffix`` targets given P inputs (NaN where the model
-    cannot run at P, e.g. XPOS out of range for a dense model)."""
-    out = {}
+    """(P -> mean NLL, P -> bits per byte) of the same final ``suffix`` targets given P inputs
+    (NaN where the model cannot run at P, e.g. XPOS out of range for a dense model)."""
+    out, bpb = {}, {}
     for p in prompts:
         try:
-            values = torch.cat(
-                [
-                    nll(model.net, gather(split, [s], p, device), model.group, model.loss_chunk)[
-                        :, -suffix:
-                    ].cpu()
-                    for s in prompt_starts(split, docs, p, max(prompts))
-                ]
-            )
-            out[p] = values.mean().item()
+            total, count, nbytes = 0.0, 0, 0
+            for s in prompt_starts(split, docs, p, max(prompts)):
+                values = model_nll(model, gather(split, [s], p, device))[:, -suffix:].cpu()
+                total, count = total + values.sum().item(), count + values.numel()
+                nbytes += int(_flat_bytes(model, split, s + p + 1 - suffix, s + p + 1).sum())
+            out[p], bpb[p] = total / count, total / max(nbytes, 1) / LN2
         except (ValueError, RuntimeError) as err:
             if not_reached(err) is None:
                 raise
-            out[p] = float("nan")
+            out[p] = bpb[p] = float("nan")
         if bar is not None:
             bar.update(len(docs))
-    return out
+    return out, bpb
+
+
+def _flat_bytes(model: Model, split: Split, a: int, b: int) -> np.ndarray:
+    """Bytes of flat tokens a .. b-1 of ``split``."""
+    if hasattr(split, "bytes"):
+        return np.asarray(split.bytes[a:b])
+    return model.byte_table[np.asarray(split.tokens[a:b], dtype=np.int64)]
 
 
 def prompt_starts(split: Split, docs, prompt: int, end: int) -> list[int]:
@@ -294,14 +386,22 @@ def position_buckets(mean_nll: torch.Tensor) -> list[tuple[int, int, float]]:
     out, lo = [], 0
     while lo < len(mean_nll):
         hi = min(len(mean_nll), 2 * lo + 1)
-        out.append((lo, hi, mean_nll[lo:hi].mean().item()))
+        out.append((lo, hi, mean_nll[lo:hi].nanmean().item()))
         lo = hi
     return out
 
 
 def corpus_split(model: Model, split_name: str) -> Split:
+    """The split of the model's corpus, tokenized with its tokenizer; sets the model's byte
+    table and start token from that tokenizer."""
+    if model.hf:
+        from pipeline.hf_models import hf_split
+
+        return hf_split(model, split_name)
     try:
-        return prepare(model.data).split(split_name)
+        corpus = prepare(model.data)
+        model.byte_table, model.prefix = byte_table(corpus.tokenizer), corpus.eod
+        return corpus.split(split_name)
     except ValueError as err:
         raise ConfigError(f"data for {model.name}: {err}") from err
 

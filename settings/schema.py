@@ -132,6 +132,7 @@ EvalData = make_dataclass(
 EvalData.__module__ = __name__
 
 EvalSplit = Literal["auto", "train", "val", "test", "all"]
+EvalWindow = Literal["disjoint", "strided", "truncate", "rolling"]  # pipeline/windows.py METHODS
 
 
 @dataclass
@@ -146,6 +147,10 @@ class EvalConfig:
     suffix: int = 256  # prompting curve: the final tokens scored at every prompt length
     max_tokens_per_document: int | None = None  # score only this many first tokens of each
     max_documents: int | None = None  # score only the first N documents serving every length
+    document_seed: int | None = None  # with max_documents: a seeded random N (null: first N)
+    min_document_tokens: int = 0  # score only documents of at least this many tokens
+    window: EvalWindow = "disjoint"  # disjoint | strided | truncate | rolling: pipeline/windows.py
+    stride: int = 256  # window=strided: tokens between window starts (YaRN's --sliding-window)
     batch_tokens: int = 16384  # tokens per forward pass (windows are batched up to this)
     dense_blockwise: bool = False  # dense models beyond their training length: blockwise
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
@@ -188,6 +193,13 @@ class EvalConfig:
             )
         if self.max_documents is not None and self.max_documents < 1:
             raise ValueError(f"max_documents must be at least 1 or null, got {self.max_documents}")
+        if self.min_document_tokens < 0:
+            raise ValueError(f"min_document_tokens must be >= 0, got {self.min_document_tokens}")
+        if self.window == "strided" and not 1 <= self.stride <= min(lengths):
+            raise ValueError(
+                f"stride={self.stride} must be in 1 .. the shortest context length "
+                f"{min(lengths)} (a longer stride leaves tokens unscored; stride = L: disjoint)"
+            )
         check_chunk(self.loss_chunk)
         if self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
