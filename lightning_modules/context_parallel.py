@@ -1,6 +1,7 @@
 """Context parallelism for training (paper 3.1): P consecutive ranks split each window into P
-equal consecutive slices, in rank order; the dilated attention of ``models/`` exchanges what
-each slice needs with the others of its group."""
+equal slices, in rank order: consecutive ones (``contiguous``) or each a piece from the front
+and one from the back (``balanced``); the dilated attention of ``models/`` exchanges what each
+slice needs with the others of its group."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from models.attention import distributed
+
 
 def check_context_parallel(P) -> int:
     if isinstance(P, bool) or not isinstance(P, int) or P < 1:
@@ -17,9 +20,11 @@ def check_context_parallel(P) -> int:
     return P
 
 
-def make_context_group(P: int, world: int, rank: int):
-    """The process group of ``rank``'s P consecutive ranks (None for P = 1). Every rank makes
-    all the groups, in the same order: ``new_group`` is a collective over the whole world."""
+def make_context_group(P: int, world: int, rank: int, layout: str = "contiguous"):
+    """The process group of ``rank``'s P consecutive ranks (None for P = 1), holding each
+    window in ``layout`` (``distributed.LAYOUTS``). Every rank makes all the groups, in the
+    same order: ``new_group`` is a collective over the whole world."""
+    distributed.check_layout(layout)
     if P == 1:
         return None
     if world % P:
@@ -28,17 +33,18 @@ def make_context_group(P: int, world: int, rank: int):
             f"(trainer.devices x num_nodes = {world})"
         )
     groups = [dist.new_group(list(range(g * P, (g + 1) * P))) for g in range(world // P)]
+    distributed.set_layout(groups[rank // P], layout)
     return groups[rank // P]
 
 
 def local_slice(x: torch.Tensor, group) -> torch.Tensor:
     """This rank's slice of ``x (B, N, ...)``, a window its group shares (all of it without
-    a group)."""
+    a group), in the group's layout: inputs and labels alike, so each token keeps its target
+    (the loss is a sum over tokens: their order does not matter) and the model reads the
+    tokens' global positions from the same layout."""
     if group is None:
         return x
-    n = x.shape[1] // dist.get_world_size(group)
-    j = dist.get_rank(group)
-    return x[:, j * n : (j + 1) * n]
+    return distributed.take_slice(x, group)
 
 
 def slice_seed(base: int, step: int, batch_idx: int, rank: int) -> int:

@@ -50,12 +50,14 @@ class CausalLM(L.LightningModule):
         optim: dict | None = None,
         *,
         context_parallel: int = 1,
+        context_parallel_layout: str = "contiguous",
         loss_chunk: int = 8192,
         run_config: dict | None = None,
     ):
         """``model``: ModelConfig fields; ``optim``: OptimConfig fields (its defaults for the
         missing ones); ``context_parallel``: consecutive ranks that split each window (paper
-        3.1); ``loss_chunk``: tokens per chunk of the output layer (no tokens x vocab logits);
+        3.1), holding it in ``context_parallel_layout`` (``distributed.LAYOUTS``);
+        ``loss_chunk``: tokens per chunk of the output layer (no tokens x vocab logits);
         ``run_config``: the whole resolved run config, not read here, kept only so that it
         travels in every checkpoint (pipeline/scoring.py reads it). Plain dicts and numbers,
         so that checkpoints load without this code's classes; a checkpoint saved before
@@ -67,6 +69,7 @@ class CausalLM(L.LightningModule):
         self.model = TransformerLM(self.config)
         self.optim = OptimConfig.from_dict(optim)
         self.context_parallel = check_context_parallel(context_parallel)
+        self.context_parallel_layout = distributed.check_layout(context_parallel_layout)
         self.loss_chunk = check_chunk(loss_chunk)
         self.context_group = None  # this rank's context-parallel group, made in setup
 
@@ -74,8 +77,9 @@ class CausalLM(L.LightningModule):
         if self.context_group is None:
             trainer = self.trainer
             self.context_group = make_context_group(
-                self.context_parallel, trainer.world_size, trainer.global_rank
-            )
+                self.context_parallel, trainer.world_size, trainer.global_rank,
+                self.context_parallel_layout,
+            )  # fmt: skip
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)

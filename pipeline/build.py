@@ -119,6 +119,7 @@ def build(cfg: RunConfig):
         mc.to_dict(),
         plain["optim"],
         context_parallel=cfg.context_parallel,
+        context_parallel_layout=cfg.context_parallel_layout,
         loss_chunk=cfg.loss_chunk,
         run_config=plain,
     )

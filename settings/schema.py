@@ -66,6 +66,7 @@ class RunConfig:
     init_from: str | None = None  # a checkpoint whose weights start a fresh run (not resumed)
     validate_first: bool = True  # a fresh run measures validation loss before its first step
     context_parallel: int = 1  # ranks that split each window (paper 3.1; dilated attention)
+    context_parallel_layout: str = "contiguous"  # or balanced: pieces j, 2P-1-j (even work)
     loss_chunk: int = 8192  # tokens per chunk of the output layer and loss: no tokens x vocab
     model: ModelConfig = field(default_factory=ModelConfig)  # models.transformer.ModelConfig
     data: DataConfig = field(default_factory=DataConfig)  # data.config.DataConfig
@@ -86,6 +87,15 @@ class RunConfig:
         if self.data.seq_len % P:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} must be a multiple of context_parallel={P}"
+            )
+        layouts = ("contiguous", "balanced")  # models/attention/distributed.py's LAYOUTS
+        if self.context_parallel_layout not in layouts:
+            layout = self.context_parallel_layout
+            raise ValueError(f"context_parallel_layout={layout!r} is not one of {layouts}")
+        if self.context_parallel_layout == "balanced" and self.data.seq_len % (2 * P):
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} must be a multiple of 2 x "
+                f"context_parallel={P} for context_parallel_layout=balanced"
             )
         if P > 1 and self.trainer.get("use_distributed_sampler"):  # each rank its own windows
             raise ValueError(

@@ -1,40 +1,32 @@
 """Dilated attention with one sequence split across processes (gloo on CPU) equals the
-single-process result on the whole sequence: outputs 1e-5, gradients of q, k, v 1e-4."""
+single-process result on the whole sequence: outputs 1e-5, gradients of q, k, v 1e-4, in both
+layouts (contiguous slices; balanced: pieces j and 2P - 1 - j). Each spawned group runs
+several checks: a group of 4 processes costs seconds to start on 2 cores."""
 
 import pytest
 
-from tests.support.context_parallel_cases import (
-    compare_cases,
-    compare_model,
-    expect_errors,
-    host_reads_per_layer,
-    local_pairs_run_while_rows_travel,
-)
+from tests.support.context_parallel_cases import attention_checks, compare_models
 from tests.support.distributed import spawn
 
+# every case valid in both layouts: segments divide h = l / 2 or are multiples of it
 # name: (B, N, H, D, segment_lengths, dilation_rates, causal)
 CASES_2 = {
     "paper_shape_causal": (1, 64, 12, 8, [8, 16, 32, 64], [1, 2, 4, 6], True),
     "bidirectional": (1, 64, 4, 8, [8, 16, 64], [1, 2, 4], False),
-    "slice_not_multiple_of_r": (1, 60, 4, 8, [10, 30, 60], [1, 4, 6], True),  # l = 30
-    "fewer_heads_than_r": (1, 48, 2, 8, [8, 24, 48], [1, 6, 12], True),
+    "slice_not_multiple_of_r": (1, 60, 4, 8, [5, 30, 60], [1, 4, 6], True),  # l = 30, h = 15
+    "fewer_heads_than_r": (1, 48, 2, 8, [4, 24, 48], [1, 6, 12], True),
     "w_equal_to_slice": (2, 32, 4, 8, [8, 16], [1, 2], True),
-    "w_above_N": (1, 40, 4, 8, [4, 80], [1, 4], True),
-    "batch_2": (2, 48, 3, 8, [8, 48], [1, 3], False),
+    "w_above_N": (1, 40, 4, 8, [5, 80], [1, 4], True),
+    "batch_2": (2, 48, 3, 8, [6, 48], [1, 3], False),
 }
 CASES_4 = {
     "paper_shape_causal": (1, 128, 12, 8, [8, 16, 32, 64, 128], [1, 2, 4, 6, 12], True),
     "bidirectional": (2, 64, 4, 8, [4, 16, 64], [1, 2, 4], False),
-    "slice_not_multiple_of_r": (1, 60, 4, 8, [15, 30, 60], [1, 4, 6], True),  # l = 15
+    "slice_not_multiple_of_r": (1, 120, 4, 8, [15, 30, 120], [1, 4, 6], True),  # l = 30
     "short_last_segment_group": (1, 48, 4, 8, [12, 36], [1, 4], True),  # 36 spans ranks 0-2, 3
     "w_below_slice": (1, 64, 4, 8, [4, 8], [1, 2], True),
     "first_pair_spans_ranks": (1, 64, 4, 8, [32, 64], [1, 2], True),
 }
-
-
-@pytest.mark.parametrize("world,cases", [(2, CASES_2), (4, CASES_4)], ids=["P=2", "P=4"])
-def test_slices_equal_the_whole_sequence(world, cases):
-    spawn(compare_cases, world, list(cases.items()))
 
 
 # name: (shape on rank 0, shape on rank 1, segment_lengths, dilation_rates, message)
@@ -46,25 +38,39 @@ ERRORS = {
 }
 
 
-def test_bad_calls_raise_on_every_rank():
-    spawn(expect_errors, 2, list(ERRORS.items()))
+def test_two_ranks_equal_the_whole_sequence_and_refuse_bad_calls():
+    """P = 2, both layouts; then bad calls raise the same ValueError on every rank (nobody
+    waits on a collective); then the exchanges are in flight while the local pairs run."""
+    spawn(attention_checks, 2, list(CASES_2.items()), list(ERRORS.items()))
 
 
-@pytest.mark.parametrize("position", ["xpos", "rope"])
-def test_model_on_slices_equals_the_whole_sequence(position):
-    spawn(compare_model, 2, position)
+def test_four_ranks_equal_the_whole_sequence():
+    spawn(attention_checks, 4, list(CASES_4.items()))
 
 
-def test_no_host_reads_or_checks_inside_the_layers():
-    """The ranks agree once per forward of the model; the layers (forward, backward and a
+def test_model_on_slices_equals_the_whole_sequence():
+    """A LongNet split across 2 ranks, XPOS and RoPE at global positions, both layouts; and
+    the ranks agree once per forward of the model: the layers (forward, backward and a
     checkpointed recomputation) read nothing on the host and gather nothing to check."""
-    spawn(host_reads_per_layer, 2)
+    spawn(compare_models, 2)
 
 
-def _pairs_by_definition(pairs, n_head, total, world, causal):
+def test_balanced_pieces_must_align():
+    from models.attention.distributed import RankSlice, check_split
+
+    with pytest.raises(ValueError, match=r"segment length 10 .* piece length h = 15"):
+        check_split([(10, 1), (60, 2)], RankSlice(2, 0, 30, "balanced"))  # fine contiguous
+    check_split([(10, 1), (60, 2)], RankSlice(2, 0, 30, "contiguous"))
+    with pytest.raises(ValueError, match=r"l = N / P = 15 must be a multiple of 2"):
+        check_split([(5, 1)], RankSlice(2, 0, 15, "balanced"))
+
+
+def _pairs_by_definition(pairs, n_head, total, world, causal, layout):
     """Attended (query, key) pairs of each rank's queries, straight from the definition: for
     each pair and head, query p and key j in one segment, both at the head's offset."""
     import torch
+
+    from models.attention.distributed import token_index
 
     p = torch.arange(total)
     out = torch.zeros(world, dtype=torch.int64)
@@ -75,19 +81,22 @@ def _pairs_by_definition(pairs, n_head, total, world, causal):
             mask = (p[:, None] // seg == p[None, :] // seg) & kept[:, None] & kept[None, :]
             if causal:
                 mask &= p[None, :] <= p[:, None]
-            out += mask.sum(1).view(world, -1).sum(1)
+            per_token = mask.sum(1)
+            out += torch.stack([per_token[token_index(world, j, total // world, layout)].sum()
+                                for j in range(world)])  # fmt: skip
     return out.tolist()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "balanced"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("world,cases", [(2, CASES_2), (4, CASES_4)], ids=["P=2", "P=4"])
-def test_attended_pairs_per_rank_match_the_definition(world, cases, causal):
+def test_attended_pairs_per_rank_match_the_definition(world, cases, causal, layout):
     from models.attention.distributed import attended_pairs
 
     for name, (_, N, H, _, segs, rates, _) in cases.items():
         pairs = tuple(zip(segs, rates, strict=True))
-        want = _pairs_by_definition(pairs, H, N, world, causal)
-        assert attended_pairs(pairs, H, N, world, causal) == want, name
+        want = _pairs_by_definition(pairs, H, N, world, causal, layout)
+        assert attended_pairs(pairs, H, N, world, causal, layout) == want, name
 
 
 def test_load_balance_of_the_paper_schedule():
@@ -102,7 +111,6 @@ def test_load_balance_of_the_paper_schedule():
         assert max(work) / min(work) == pytest.approx(ratio, abs=0.005), P
     work = attended_pairs(((2**20, 1),), 1, 2**20, 4)
     assert max(work) / min(work) == pytest.approx(7, rel=1e-4)
-
-
-def test_local_pairs_run_while_the_exchange_is_in_flight():
-    spawn(local_pairs_run_while_rows_travel, 2)
+    for P in (2, 4, 8, 16):  # the balanced layout: every rank the same work
+        work = attended_pairs(pairs, 12, 32768, P, layout="balanced")
+        assert max(work) / min(work) == pytest.approx(1, abs=1e-6), P

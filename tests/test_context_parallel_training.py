@@ -10,10 +10,7 @@ import pytest
 from pipeline.outputs import metric
 from pipeline.training import train
 from settings.loading import ConfigError, load_run_config
-from tests.support.context_parallel_cases import (
-    dropout_masks_differ_by_slice,
-    training_step_equivalences,
-)
+from tests.support.context_parallel_cases import training_step_equivalences
 from tests.support.distributed import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +50,11 @@ def test_one_optimizer_step_equals_the_whole_window():
     every gradient and parameter after one AdamW step equal within 1e-6 relative, without
     and with activation checkpointing (whose recomputation re-runs the exchanges), a slice
     with no scored target included. Mutation: without the P factor of each slice's loss the
-    gradients are off by 1/P and the check sees it (losses alone, under AdamW, barely would)."""
-    spawn(training_step_equivalences, 2, timeout=120)
-
-
-def test_slices_draw_their_own_dropout_masks():
-    spawn(dropout_masks_differ_by_slice, 2, timeout=120)
+    gradients are off by 1/P and the check sees it (losses alone, under AdamW, barely would).
+    The balanced layout (pieces 0 and 3 on rank 0, 1 and 2 on rank 1: data, labels and
+    positions permuted alike) likewise, with and without recomputation. Then, in the same
+    group: with dropout the slices of a window draw their own masks."""
+    spawn(training_step_equivalences, 2, timeout=180)
 
 
 @pytest.mark.slow
@@ -77,6 +73,11 @@ def test_data_times_context_parallel(tiny_args, tmp_path):
         (["context_parallel=0"], "must be >= 1"),
         (["context_parallel=2", "trainer.use_distributed_sampler=true"], "read the same window"),
         (["context_parallel=2", "model.stretch_last=true"], "stretch_last=true widens"),
+        (["context_parallel=2", "context_parallel_layout=zigzag"], r"not one of \('contiguous'"),
+        (
+            ["context_parallel=3", "data.seq_len=2043", "context_parallel_layout=balanced"],
+            "multiple of 2 x context_parallel=3",
+        ),
     ],
 )
 def test_bad_context_parallel(overrides, message):

@@ -3,43 +3,49 @@ slice against the single-process result on the whole sequence (forward 1e-5, gra
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import torch
 import torch.distributed as dist
 
+from models.attention import distributed
 from models.attention.dilated import dilated_attention
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 
 
-def slice_of(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    length = x.shape[1] // world
-    return x[:, rank * length : (rank + 1) * length]
+def slice_of(x: torch.Tensor, rank: int, world: int, layout: str = "contiguous") -> torch.Tensor:
+    """Rank ``rank``'s tokens of a whole window ``x (B, N, ...)``, in its slice's order."""
+    from models.attention.distributed import token_index
+
+    return x[:, token_index(world, rank, x.shape[1] // world, layout)]
 
 
-def compare_case(rank, world, case) -> None:
+def compare_case(rank, world, case, layout="contiguous") -> None:
     name, (B, N, H, D, segs, rates, causal) = case
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # the same on every rank
     q, k, v, grad = (torch.randn(B, N, H, D, generator=gen) for _ in range(4))
     full = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = dilated_attention(*full, segs, rates, causal=causal)
     (ref * grad).sum().backward()
-    mine = [slice_of(x, rank, world).clone().requires_grad_() for x in (q, k, v)]
-    out = dilated_attention(*mine, segs, rates, causal=causal, group=dist.group.WORLD)
-    (out * slice_of(grad, rank, world)).sum().backward()
-    where = f"{name} (rank {rank} of {world})"
-    torch.testing.assert_close(out, slice_of(ref, rank, world), atol=FWD_TOL, rtol=0,
+    part = functools.partial(slice_of, rank=rank, world=world, layout=layout)
+    mine = [part(x).clone().requires_grad_() for x in (q, k, v)]
+    with distributed.using_layout(dist.group.WORLD, layout):
+        out = dilated_attention(*mine, segs, rates, causal=causal, group=dist.group.WORLD)
+    (out * part(grad)).sum().backward()
+    where = f"{name} {layout} (rank {rank} of {world})"
+    torch.testing.assert_close(out, part(ref), atol=FWD_TOL, rtol=0,
                                msg=lambda m: f"{where} output: {m}")  # fmt: skip
     for label, leaf, whole in zip("qkv", mine, full, strict=True):
-        want = slice_of(whole.grad, rank, world)
-        torch.testing.assert_close(leaf.grad, want, atol=GRAD_TOL, rtol=0,
+        torch.testing.assert_close(leaf.grad, part(whole.grad), atol=GRAD_TOL, rtol=0,
                                    msg=lambda m, n=label: f"{where} grad {n}: {m}")  # fmt: skip
 
 
-def compare_cases(rank, world, cases) -> None:
-    for case in cases:
-        compare_case(rank, world, case)
+def compare_cases(rank, world, cases, layouts=("contiguous",)) -> None:
+    for layout in layouts:
+        for case in cases:
+            compare_case(rank, world, case, layout)
 
 
 def expect_errors(rank, world, cases) -> None:
@@ -57,10 +63,20 @@ def expect_errors(rank, world, cases) -> None:
     dist.barrier()  # every rank got here: nobody hung
 
 
-def compare_model(rank, world, position) -> None:
+def compare_models(rank, world) -> None:
+    """:func:`compare_model` for each position and layout, then :func:`host_reads_per_layer`:
+    one process group for all of them."""
+    for layout in ("contiguous", "balanced"):
+        for position in ("xpos", "rope"):
+            with distributed.using_layout(dist.group.WORLD, layout):
+                compare_model(rank, world, position, layout)
+    host_reads_per_layer(rank, world)
+
+
+def compare_model(rank, world, position, layout="contiguous") -> None:
     """A LongNet on a sequence split across ranks: logits equal the single-process slice, and
     parameter gradients summed over ranks equal the single-process ones (XPOS/RoPE at global
-    positions, anchors shared across ranks)."""
+    positions, anchors shared across ranks; balanced layout: two pieces per rank)."""
     from models.transformer import ModelConfig, TransformerLM
 
     sizes = dict(vocab_size=50, d_model=32, n_layer=2, n_head=4, d_ff=64)
@@ -73,13 +89,14 @@ def compare_model(rank, world, position) -> None:
     full.square().mean().backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    mine = model(slice_of(tokens, rank, world), group=dist.group.WORLD)
+    mine = model(slice_of(tokens, rank, world, layout), group=dist.group.WORLD)
     (mine.square().sum() / full.numel()).backward()
-    torch.testing.assert_close(mine, slice_of(full, rank, world), atol=FWD_TOL, rtol=0)
+    torch.testing.assert_close(mine, slice_of(full, rank, world, layout), atol=FWD_TOL, rtol=0)
     for name, p in model.named_parameters():
         dist.all_reduce(p.grad)
+        where = f"{position} {layout} grad {name}"
         torch.testing.assert_close(p.grad, want[name], atol=GRAD_TOL, rtol=1e-4,
-                                   msg=lambda m, n=name: f"{position} grad {n}: {m}")  # fmt: skip
+                                   msg=lambda m, n=where: f"{n}: {m}")  # fmt: skip
 
 
 def host_reads_per_layer(rank, world) -> None:
@@ -157,13 +174,18 @@ def _one_step(module, batch, group, world, checkpointing) -> dict:
 
 
 def training_step_equivalences(rank, world) -> None:
-    """:func:`training_step_equivalence` with each checkpointing mode, and its mutation."""
+    """:func:`training_step_equivalence` with each checkpointing mode, the balanced layout
+    (with and without recomputation), the mutation; then :func:`dropout_masks_differ_by_slice`:
+    one process group for all."""
     for checkpointing in ("none", "layer", "sublayer"):
         training_step_equivalence(rank, world, checkpointing, False)
+    for checkpointing in ("none", "layer"):
+        training_step_equivalence(rank, world, checkpointing, False, "balanced")
     training_step_equivalence(rank, world, "none", True)
+    dropout_masks_differ_by_slice(rank, world)
 
 
-def training_step_equivalence(rank, world, checkpointing, mutate) -> None:
+def training_step_equivalence(rank, world, checkpointing, mutate, layout="contiguous") -> None:
     """CausalLM with each window split across the ranks (context_parallel = world) against one
     process with the whole window, float64, dropout 0: after one optimizer step every
     gradient and every parameter agree within 1e-6 relative. Windows with unscored targets,
@@ -181,7 +203,8 @@ def training_step_equivalence(rank, world, checkpointing, mutate) -> None:
     optim = dict(warmup_steps=0, lr=1e-3)
     torch.manual_seed(0)
     ref = CausalLM(model, optim).double()
-    split = CausalLM(model, optim, context_parallel=world).double()
+    split = CausalLM(model, optim, context_parallel=world, context_parallel_layout=layout)
+    split = split.double()
     split.load_state_dict(ref.state_dict())
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 50, (2, 65), generator=gen)
@@ -192,15 +215,17 @@ def training_step_equivalence(rank, world, checkpointing, mutate) -> None:
     if mutate:
         split.context_parallel = 1  # each slice's loss no longer scaled by P
     want = _one_step(ref, batch, None, 1, checkpointing)
-    got = _one_step(split, batch, dist.group.WORLD, world, checkpointing)
+    with distributed.using_layout(dist.group.WORLD, layout):  # as make_context_group sets it
+        got = _one_step(split, batch, dist.group.WORLD, world, checkpointing)
     worst = max(((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want)
     if mutate:
         assert worst > 0.1, f"dropping the P factor went unnoticed: {worst}"
         return
-    assert worst < 1e-6, (checkpointing, worst)
+    assert worst < 1e-6, (checkpointing, layout, worst)
     for (name, p), q in zip(split.named_parameters(), ref.parameters(), strict=True):
+        where = f"{checkpointing} {layout} {name}"
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9,
-                                   msg=lambda m, n=name: f"{checkpointing} {n}: {m}")  # fmt: skip
+                                   msg=lambda m, n=where: f"{n}: {m}")  # fmt: skip
 
 
 def dropout_masks_differ_by_slice(rank, world) -> None:
@@ -257,3 +282,12 @@ def local_pairs_run_while_rows_travel(rank, world) -> None:
     assert first > 0 and events.count("wait") == 1, events
     if rank == 1:  # it reads rank 0's rows after the wait
         assert "kernel" in events[first:], events
+
+
+def attention_checks(rank, world, cases, errors=None) -> None:
+    """One process group: :func:`compare_cases` in both layouts, then (given ``errors``)
+    :func:`expect_errors` and :func:`local_pairs_run_while_rows_travel`."""
+    compare_cases(rank, world, cases, ("contiguous", "balanced"))
+    if errors is not None:
+        expect_errors(rank, world, errors)
+        local_pairs_run_while_rows_travel(rank, world)
