@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick gpu-check context-parallel long-sequence decode longrange table2 ablate throughput report clean
+.PHONY: demo test test-slow lint format bench bench-quick bench-documents documents gpu-check context-parallel context-parallel-balance long-sequence decode longrange table2 ablate throughput report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m experiments.bench.attention_scaling --quick
 
+# document masks vs the same packed windows unmasked, 32K-256K (~25 min on 2 quiet cores)
+bench-documents: $(STAMP)
+	$(PY) -m experiments.bench.documents
+
+# the tiny LongNet with and without document masks: two one-thread processes (~15 min), the table
+DOCUMENTS = $(PY) -m experiments.studies.document_mask
+documents: $(STAMP)
+	$(DOCUMENTS) --threads 1 --shard 0/2 & a=$$!; \
+	$(DOCUMENTS) --threads 1 --shard 1/2; b=$$?; \
+	wait $$a && test $$b = 0 && $(DOCUMENTS)
+
 # On a CUDA machine (~8 min): GPU tests, attention benchmark 32K-1M, 200 steps of longnet_base
 # at 32K tokens; writes runs/gpu-check/report.md. Uses .venv when made, else the machine's
 # python3 as it is (no install: GPU machines often have their own torch). Refuses without CUDA.
@@ -62,6 +73,10 @@ ablate: $(STAMP)
 
 throughput: $(STAMP)
 	$(PY) -m experiments.bench.throughput
+
+# per-rank work of both context-parallel layouts at P = 2, 4, 8, and the overlap (~10 min on 2 cores)
+context-parallel-balance: $(STAMP)
+	$(PY) -m experiments.bench.context_parallel_balance
 
 # context-parallel dilated attention on 1, 2, 4 gloo processes (~25 min on 2 cores)
 context-parallel: $(STAMP)

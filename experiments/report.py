@@ -245,6 +245,25 @@ def context_parallel_longest(results_dir: Path) -> str:
                              EARLIER)  # fmt: skip
 
 
+@table("context_parallel_balance_pairs")
+def context_parallel_balance_pairs(results_dir: Path) -> str:
+    from experiments.bench.context_parallel_balance import pairs_table
+
+    f = "context_parallel/balance_pairs.csv"
+    command = "python -m experiments.bench.context_parallel_balance --pairs-only"
+    return pairs_table(read_csv(results_dir / f)) + "\n\n" + source(results_dir, [f], command)
+
+
+@table("context_parallel_balance_timing")
+def context_parallel_balance_timing(results_dir: Path) -> str:
+    from experiments.bench.context_parallel_balance import timing_table
+
+    f, command = "context_parallel/balance_timing.csv", "make context-parallel-balance"
+    if not (results_dir / f).exists():
+        return f"Not measured yet: `{command}` writes `experiments/results/{f}`."
+    return timing_table(read_csv(results_dir / f)) + "\n\n" + source(results_dir, [f], command)
+
+
 @table("context_parallel_projection")
 def context_parallel_projection(results_dir: Path) -> str:
     from experiments.bench.context_parallel import projection
@@ -542,6 +561,34 @@ def decode(results_dir: Path) -> str:
             (r.get("note") or "")[:70]] for r in rows]  # fmt: skip
     header = ["model", "context", "prefill s", "decode tokens/s", "cache MiB", "note"]
     return markdown(header, out) + "\n\n" + source(results_dir, [f], "make decode")
+
+
+@table("documents")
+def documents(results_dir: Path) -> str:
+    """Document masks' cost (experiments/bench/documents.py) and the study
+    (experiments/studies/document_mask.py), each once its file exists."""
+    parts = []
+    bench, study = "documents/documents.csv", "document_mask_recipe/table.md"
+    if (results_dir / bench).exists():
+        rows = read_csv(results_dir / bench)
+        out = [[short(r["n"]), r["attention"], f"{r['documents']} ({r['median_doc']})",
+                f"{r['unmasked_s']:.2f}", f"{r['masked_s']:.2f}", f"{r['ratio']:.2f}",
+                f"{r['unmasked_mem'] / 2**20:.0f}", f"{r['masked_mem'] / 2**20:.0f}"]
+               for r in rows]  # fmt: skip
+        header = ["N", "attention", "documents (median tokens)", "unmasked fwd+bwd s",
+                  "masked fwd+bwd s", "masked / unmasked", "peak MiB unmasked",
+                  "peak MiB masked"]  # fmt: skip
+        parts.append(markdown(header, out) + "\n\n" + source(results_dir, [bench],
+                                                              "make bench-documents"))  # fmt: skip
+    else:
+        parts.append("Not yet measured: `make bench-documents` writes "
+                     "`experiments/results/documents/documents.csv`.")  # fmt: skip
+    if (results_dir / study).exists():
+        parts.append(study_table(results_dir, study, "make documents"))
+    else:
+        parts.append("Not yet run: `make documents` writes runs/document_mask_recipe/table.md, "
+                     "to be copied to `experiments/results/document_mask_recipe/`.")  # fmt: skip
+    return "\n\n".join(parts)
 
 
 @table("headline", document="README.md")
