@@ -10,7 +10,8 @@
    the embedded stdlib corpus: tokens/s, step time, loss, peak memory, model FLOPs utilisation;
 4. multi: with more than one GPU visible, context parallelism on NCCL
    (tests/test_context_parallel_gpu.py: the split attention against one GPU, float32 and
-   bf16, with exchanges where ranks send or receive nothing); said to be skipped otherwise.
+   bf16, both layouts, with exchanges where ranks send or receive nothing: no zero-sized
+   message is posted, distributed._send_recv says why); said to be skipped otherwise.
 
 Each stage has a time budget; one that runs out, or fails, is reported as such and the next
 one runs. Uses the Python it is started with and whatever is installed there (torch version,

@@ -365,12 +365,16 @@ def _send_recv(send, sends, receives, group, own=True, wait=True):
 
     Only real messages are posted: a rank with nothing to send or receive posts nothing, and
     no zero-byte message ever exists (every message is a piece's kept rows, ceil(h/r) >= 1
-    rows of B * H * D). We rely on that, not on NCCL: zero-byte sends and receives are legal
-    in NCCL (the NCCL docs allow count 0 for ncclSend/ncclRecv) but zero-sized point-to-point
-    operations inside grouped calls have hung or crashed some releases (pytorch/pytorch issues
-    on all_to_all with zero splits), and PyTorch's own NCCL ``all_to_all_single`` skips the
-    peers whose count is 0 for that reason (ProcessGroupNCCL / NCCLUtils ``all2all_single``:
-    ``if (send_count != 0) ncclSend``). NCCL's rule that a batch of point-to-point operations
+    rows of B * H * D). We rely on that, and on both sides listing the same messages
+    (:func:`messages` is computed alike on every rank), not on NCCL's handling of empty
+    messages. NCCL's maintainers state that zero-size send/recv are supported
+    (NVIDIA/nccl#345), but NCCL 2.11-2.12.7 hung on zero-byte send/recv in grouped all-to-alls
+    ("Fix bug with zero-bytes send/recv operations", 2.12.10; NVIDIA/nccl#695, #696);
+    PyTorch's NCCL ``all_to_all_single`` skips the peers whose count is 0 (torch/csrc/cuda/
+    nccl.cpp: ``if (count != 0)`` around ncclSend/ncclRecv), and all_to_all_single still hung
+    where some ranks sent nothing (pytorch/pytorch#146468, NVIDIA/nccl#1593, NCCL 2.21.5);
+    RCCL went the other way (ROCm/rccl#1349). Posting no empty message keeps this code off
+    every one of those paths. NCCL's rule that a batch of point-to-point operations
     must not be the first operation of a communicator unless every rank takes part is met
     because the ranks' agreement (an all-gather, :func:`enter_forward` or
     :func:`check_agreement`) always comes first. Messages between two ranks match in posting
