@@ -104,8 +104,8 @@ def _write_tables(tmp: Path, results, cfg: EvalConfig, split_names) -> None:
         for r in results for p, v in r.prompting.items()
     ])  # fmt: skip
     _csv(tmp / "positions.csv", [
-        {"model": r.label, "from": a, "to": b, "mean_nll": v}
-        for r in results for a, b, v in r.positions
+        {"model": r.label, "length": n, "from": a, "to": b, "mean_nll": v}
+        for r in results for n, a, b, v in r.positions
     ])  # fmt: skip
     _csv(tmp / "repeated_span.csv", [
         {"model": r.label, **row} for r in results for row in r.span

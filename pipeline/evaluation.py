@@ -236,9 +236,11 @@ def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet
                 continue
             ppl = math.exp(m.nll / m.tokens)
             res.lengths[n] = sc.AtLength(n, ppl, m.tokens, m.windows, nll=m.nll, bytes=m.bytes)
-            if n == lengths[-1]:
-                mean = m.sums / m.counts.clamp(min=1)
-                res.positions = sc.position_buckets(mean.masked_fill(m.counts == 0, math.nan))
+            # the profile at every length: inside the training window it shows how far back
+            # the model uses its context; beyond it, whether later positions still gain
+            mean = m.sums / m.counts.clamp(min=1)
+            buckets = sc.position_buckets(mean.masked_fill(m.counts == 0, math.nan))
+            res.positions += [(n, lo, hi, nll) for lo, hi, nll in buckets]
         if prompts:
             res.prompting, res.prompting_bpb = sc.prompting(model, split, docs, prompts,
                                                             cfg.suffix, device, bar)  # fmt: skip

@@ -106,7 +106,7 @@ class Result:
     lengths: dict[int, AtLength] = field(default_factory=dict)
     prompting: dict[int, float] = field(default_factory=dict)  # P -> mean NLL (NaN: not run)
     prompting_bpb: dict[int, float] = field(default_factory=dict)  # P -> bits per byte
-    positions: list = field(default_factory=list)  # (bucket start, bucket end, mean NLL)
+    positions: list = field(default_factory=list)  # (length, bucket start, end, mean NLL)
     span: list = field(default_factory=list)  # repeated-span probe rows (pipeline/span_probe)
     recall: list[dict] = field(default_factory=list)  # accuracy rows (pipeline/recall_probe)
 

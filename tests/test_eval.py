@@ -1,6 +1,7 @@
 """eval.py: perplexity by context length against a naive computation, window rules, outputs,
 another corpus scored whole, and bad input."""
 
+import csv
 import math
 import os
 
@@ -100,6 +101,10 @@ def test_eval_writes_its_outputs(ckpt, tmp_path, capsys):
     ):
         assert (out / name).stat().st_size > 0, name
     assert "| 16 | 32 | 64 |" in capsys.readouterr().out
+    with open(out / "positions.csv") as f:  # the per-position profile at every length
+        rows = list(csv.DictReader(f))
+    assert {int(r["length"]) for r in rows} == {16, 32, 64}
+    assert max(int(r["to"]) for r in rows if r["length"] == "32") == 32
 
 
 @pytest.mark.parametrize(
