@@ -4,18 +4,18 @@ and caches; two runs building one cache; a full disk; eval.py killed. Killed and
 are resumed with ``resume=auto`` and their per-step losses compared with an uninterrupted run
 (the tiny config: dropout 0.1 on, so the random state must resume too).
 
-Faults are planted by tests/support/fault_runner.py in a train.py subprocess, which the test
-kills once the fault's marker file appears."""
+Faults are planted by tests/support/fault_runner.py in a child process running train.py's
+entry point, which the test kills once the fault's marker file appears. The child is forked
+from tests/support/forkserver.py's server, which imported torch and Lightning once: a process
+of its own (pid, signals, exit status) without the seconds a fresh interpreter spends on
+imports."""
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,8 +30,8 @@ from pipeline.checkpoints import CheckpointWriteError
 from pipeline.outputs import metric
 from pipeline.training import train
 from settings.loading import ConfigError
+from tests.support import fault_runner, forkserver
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # checkpoints every 4 steps (configs/debug/tiny.yaml), validation every 4
 
 
@@ -54,20 +54,48 @@ def straight(corpus, tmp_path_factory):
     return metric(run, "train/loss")
 
 
-def start(fault: dict, args: list[str], marker: Path) -> subprocess.Popen:
-    fault = {**fault, "marker": str(marker)}
-    cmd = [sys.executable, "-m", "tests.support.fault_runner", json.dumps(fault), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+class Child:
+    """train.py's entry point with a fault planted (tests/support/fault_runner.py), in a child
+    process: stdout and stderr go together to a file, read by ``output``."""
+
+    def __init__(self, fault: dict, args: list[str], marker: Path):
+        fault = {**fault, "marker": str(marker)}
+        self.log = marker.with_name(marker.name + ".log")
+        target = (dict(os.environ), fault_runner.child, fault, args, str(self.log))
+        self.process = forkserver.context().Process(target=forkserver.run_with_env, args=target)
+        self.process.start()
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.process.pid, signum)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def communicate(self, timeout: float) -> tuple[int, str]:
+        """Waits for the exit: (exit status, output); a child still running is killed."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.kill()
+            raise AssertionError(f"still running after {timeout} s:\n{self.output()}")
+        return self.process.exitcode, self.output()
 
 
-def wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def start(fault: dict, args: list[str], marker: Path) -> Child:
+    return Child(fault, args, marker)
+
+
+def wait_for(marker: Path, proc: Child, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while not marker.exists():
         if proc.poll() is not None:
-            raise AssertionError(
-                f"exited {proc.returncode} before the fault:\n{proc.stdout.read()}"
-            )
+            raise AssertionError(f"exited {proc.poll()} before the fault:\n{proc.output()}")
         if time.monotonic() > end:
             proc.kill()
             raise AssertionError("the fault was not reached in time")
@@ -80,8 +108,6 @@ def kill_at(fault: dict, args: list[str], tmp_path: Path) -> None:
     proc = start(fault, args, marker)
     wait_for(marker, proc)
     proc.kill()
-    proc.wait()
-    proc.stdout.close()
 
 
 def signal_at(fault: dict, args: list[str], tmp_path: Path, *signums) -> tuple[int, str]:
@@ -93,8 +119,7 @@ def signal_at(fault: dict, args: list[str], tmp_path: Path, *signums) -> tuple[i
     for signum in signums:
         proc.send_signal(signum)
         time.sleep(0.2)
-    out, _ = proc.communicate(timeout=120)
-    return proc.returncode, out
+    return proc.communicate(timeout=120)
 
 
 def resume_and_compare(tiny_args, run: Path, straight: dict, first: int) -> None:
@@ -136,7 +161,6 @@ def test_killed_while_writing_a_checkpoint(tiny_args, tmp_path, straight, name):
     assert not list((run / "checkpoints").glob(".*.tmp-*"))
 
 
-@pytest.mark.slow
 def test_killed_during_validation(tiny_args, tmp_path, straight):
     run = tmp_path / "run"
     kill_at({"hold_validation_after": 8}, tiny_args(run, f"trainer.max_steps={STEPS}"), tmp_path)
@@ -198,7 +222,6 @@ def test_second_signal_exits_at_once(tiny_args, tmp_path):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
-@pytest.mark.slow
 def test_preempted_during_validation(tiny_args, tmp_path, straight):
     """The signal comes during the validation after step 8: it finishes, the run saves and
     stops; resuming does not repeat step 9."""
@@ -290,9 +313,7 @@ def test_nonfinite_stop_policy(tiny_args, tmp_path, monkeypatch):
 
 
 def run_with_fault(fault: dict, args: list[str], marker: Path) -> tuple[int, str]:
-    proc = start(fault, args, marker)
-    out, _ = proc.communicate(timeout=300)
-    return proc.returncode, out
+    return start(fault, args, marker).communicate(timeout=300)
 
 
 # -- damaged files ---------------------------------------------------------------------------
@@ -372,9 +393,9 @@ def test_two_runs_build_one_cache(corpus, tmp_path):
             f"data.cache_dir={cache}",
         ]
         procs.append(start({"pause_cache_build": 3}, args, tmp_path / f"marker-{name}"))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    text = "".join(outs)
+    done = [p.communicate(timeout=300) for p in procs]
+    assert [status for status, _ in done] == [0, 0], done
+    text = "".join(out for _, out in done)
     assert text.count("training a 300-token byte-level BPE") == 1, text
     assert "waiting for another process" in text
     assert [p.name for p in cache.iterdir() if p.is_dir()].__len__() == 1
@@ -409,20 +430,13 @@ def test_disk_full_during_a_checkpoint(tiny_args, tmp_path, monkeypatch):
 def test_real_write_failure_in_a_subprocess(tiny_args, tmp_path, corpus):
     """The kernel refuses the write (a file-size limit, EFBIG, as a quota or a full disk would):
     train.py exits 1 with the error naming the checkpoint; no temporary file is left."""
-    import resource
-
     run = tmp_path / "run"
     train(tiny_args(tmp_path / "warm", "trainer.max_steps=1"))  # the cache exists: not limited
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-
-    cmd = [sys.executable, "train.py", *tiny_args(run, "trainer.max_steps=6")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=limit)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "error: could not write checkpoint" in proc.stderr
-    assert "step0000004.ckpt" in proc.stderr and "File too large" in proc.stderr
+    args = tiny_args(run, "trainer.max_steps=6")
+    status, out = run_with_fault({"file_size_limit": 64 * 1024}, args, tmp_path / "m")
+    assert status == 1, out[-2000:]
+    assert "error: could not write checkpoint" in out
+    assert "step0000004.ckpt" in out and "File too large" in out
     assert not list((run / "checkpoints").glob("*"))
 
 

@@ -1,5 +1,7 @@
 """``python -m tests.support.fault_runner FAULT_JSON train.py-args...``: train.py with a fault
-planted, for tests/test_faults.py, which starts it in a subprocess and kills it.
+planted, for tests/test_faults.py, which starts it in a child process (``child``, forked from
+tests/support/forkserver.py's server: the same entry point without seconds of imports) and
+kills it.
 
 FAULT_JSON is a dict; every key is optional:
 
@@ -17,6 +19,8 @@ FAULT_JSON is a dict; every key is optional:
 - ``"nan_steps": [n, ...]``: those training steps (1-based) return a NaN loss.
 - ``"hold_eval": true``: eval.py's scoring of the first model touches ``marker`` and sleeps
   until killed; with ``"entry": "eval"`` the process is eval.py instead of train.py.
+- ``"file_size_limit": bytes``: the kernel refuses writes past that size (RLIMIT_FSIZE,
+  EFBIG, as a quota or a full disk would), from the start of the process.
 - ``"marker": path``: the file touched when a hold is reached.
 
 The process is train.py's own entry point (settings.cli.run_cli over pipeline.training.train);
@@ -27,9 +31,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def hold(marker: str, seconds: float = float("inf")) -> None:
@@ -123,8 +130,30 @@ def plant(fault: dict) -> None:
         evaluation.score_model = score_model
 
 
+def limit_file_size(size: int) -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def child(fault: dict, argv: list[str], output: str) -> None:
+    """A forked child's body: what the command line would do, from the repository root, with
+    stdout and stderr (the descriptors and Python's streams, as Popen's merged pipe) going to
+    the file ``output``; exits with main's status."""
+    os.chdir(ROOT)
+    out = open(output, "w", buffering=1)  # noqa: SIM115 (open until the process ends)
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+    sys.stdout = sys.stderr = out
+    sys.exit(main([json.dumps(fault), *argv]))
+
+
 def main(argv: list[str]) -> int:
     fault = json.loads(argv[0])
+    if "file_size_limit" in fault:
+        limit_file_size(fault["file_size_limit"])
     plant(fault)
     from settings.cli import run_cli
 

@@ -1,0 +1,40 @@
+"""Child processes for tests that start in milliseconds instead of seconds.
+
+A fresh interpreter spends seconds importing torch and Lightning (Lightning pulls in
+torchmetrics, transformers and scipy): that import was most of what each subprocess test and
+each spawned gloo rank cost. multiprocessing's forkserver imports them once, in a server of
+its own that never runs a tensor operation (so no thread pool or device state is copied), and
+forks every child from it: a child is a clean process, with its own pid, signals, exit status
+and memory, that finds those modules already imported.
+
+A child inherits the server's environment, which is the test process's when the server
+started: ``run_with_env`` passes the test process's environment at the time of the call.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "lightning",
+    "pipeline.training",
+    "pipeline.evaluation",
+    "tests.support.fault_runner",
+]
+
+
+def context():
+    """The forkserver context; the server starts (and imports ``PRELOAD``) at its first use."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def run_with_env(env: dict, fn, *args):
+    """In a child: the test process's environment at the start, then ``fn(*args)``."""
+    os.environ.clear()
+    os.environ.update(env)
+    return fn(*args)
