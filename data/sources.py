@@ -1,6 +1,7 @@
 """Where documents come from: the running Python's standard library, a directory of text
-files, or any Hugging Face dataset. Every source yields ``{"name": str, "text": str}`` through a
-``datasets.IterableDataset`` (streaming), so memory does not grow with the corpus.
+files, any Hugging Face dataset, or the King James Bible of a Debian package (data/kjv.py).
+Every source yields ``{"name": str, "text": str}`` through a ``datasets.IterableDataset``
+(streaming), so memory does not grow with the corpus.
 
 ``stdlib_code`` (the default, no download): the standard library sources of the running
 Python as repository-level documents, like the paper's source-code corpus. Each top-level
@@ -29,7 +30,8 @@ import datasets
 
 log = logging.getLogger(__name__)
 
-Source = Literal["stdlib_code", "text_dir", "hf", "recall"]  # recall: data/recall.py
+# recall: data/recall.py; kjv: data/kjv.py
+Source = Literal["stdlib_code", "text_dir", "hf", "recall", "kjv"]
 SOURCES = get_args(Source)
 STDLIB_EXCLUDED = ("site-packages", "encodings", "pydoc_data", "__pycache__")
 
@@ -185,6 +187,10 @@ def documents(cfg) -> tuple[datasets.IterableDataset, str]:
         return _text_dir_source(cfg)
     if cfg.source == "hf":
         return _hf_source(cfg)
+    if cfg.source == "kjv":
+        from data.kjv import kjv_source
+
+        return kjv_source()
     raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}")
 
 
