@@ -15,6 +15,7 @@ from pipeline.evaluation import evaluate as run
 from pipeline.training import train
 from settings.loading import ConfigError
 from tests.support.corpus import write_corpus
+from tests.support.distributed import spawn
 from tests.support.runs import tiny_run
 
 
@@ -210,15 +211,52 @@ def test_progress_in_a_log_is_lines(ckpt, tmp_path, capsys):
     assert "100% (" in err and "\r" not in err
 
 
-def test_windows_split_across_processes_score_the_same(ckpt, tmp_path):
-    """eval.py under torchrun with context_parallel=2: each window split across the two
-    processes gives the single-process perplexities and prompting curve."""
+def assert_same_scores(one, out_dir) -> None:
+    """``out_dir``'s perplexities and prompting curve equal the single-process Result ``one``."""
+    import csv
     import json
+
+    rows = json.loads((out_dir / "ppl_vs_context.json").read_text())["rows"]
+    assert {row["context_length"] for row in rows} == set(one.lengths)
+    for row in rows:
+        want = one.lengths[row["context_length"]]
+        assert row["ppl"] == pytest.approx(want.ppl, rel=1e-5) and row["tokens"] == want.tokens
+    with open(out_dir / "prompting.csv", newline="") as f:
+        prompting = {int(r["prompt_length"]): float(r["mean_nll"]) for r in csv.DictReader(f)}
+    assert prompting.keys() == one.prompting.keys()
+    for p, v in one.prompting.items():
+        assert prompting[p] == pytest.approx(v, abs=1e-6), p
+
+
+def evaluate_rank(rank, world, args):
+    """One process of ``torchrun eval.py``: eval.py's function, which makes the group itself
+    from the variables torchrun sets."""
+    run(args)
+
+
+SPLIT_ARGS = ["context_lengths=[16,64]", "split=val", "suffix=8"]
+
+
+def test_windows_split_across_processes_score_the_same(ckpt, tmp_path):
+    """context_parallel=2 in two processes, each finding torchrun's variables and making its
+    group as under torchrun: each window split across them gives the single-process
+    perplexities and prompting curve. (The launch by torchrun itself, three more interpreters
+    to start: the slow test below.)"""
+    args = [f"checkpoints=[{ckpt}]", *SPLIT_ARGS]
+    one = run([*args, f"out_dir={tmp_path / 'one'}"])[0]
+    two = [*args, f"out_dir={tmp_path / 'two'}", "context_parallel=2"]
+    spawn(evaluate_rank, 2, two, timeout=120, init=False)
+    assert_same_scores(one, tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_eval_py_under_torchrun_scores_as_one_process(ckpt, tmp_path):
+    """eval.py launched by torchrun with context_parallel=2 (the command a user types)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    args = [f"checkpoints=[{ckpt}]", "context_lengths=[16,64]", "split=val", "suffix=8"]
+    args = [f"checkpoints=[{ckpt}]", *SPLIT_ARGS]
     one = run([*args, f"out_dir={tmp_path / 'one'}"])[0]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "eval.py", *args, f"out_dir={tmp_path / 'two'}", "context_parallel=2"]  # fmt: skip
@@ -226,12 +264,4 @@ def test_windows_split_across_processes_score_the_same(ckpt, tmp_path):
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((tmp_path / "two" / "ppl_vs_context.json").read_text())["rows"]
-    for row in rows:
-        want = one.lengths[row["context_length"]]
-        assert row["ppl"] == pytest.approx(want.ppl, rel=1e-5) and row["tokens"] == want.tokens
-    prompting = (tmp_path / "two" / "prompting.csv").read_text().splitlines()[1:]
-    for line, (p, v) in zip(prompting, one.prompting.items(), strict=True):
-        assert int(line.split(",")[-3]) == p and float(line.split(",")[-1]) == pytest.approx(
-            v, abs=1e-6
-        )
+    assert_same_scores(one, tmp_path / "two")

@@ -27,12 +27,16 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, fn, args, timeout=None, backend="gloo",
-           env=None) -> None:  # fmt: skip
+           env=None, init=True) -> None:  # fmt: skip
     if env is not None:  # a forked rank: the test process's environment, not the server's
         os.environ.clear()
         os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if not init:  # what torchrun gives each process; the code under test makes the group
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+        return fn(rank, world, *args)
     limit = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
     if backend == "nccl":  # one GPU per rank
         torch.cuda.set_device(rank)
@@ -43,17 +47,20 @@ def _entry(rank: int, world: int, port: int, fn, args, timeout=None, backend="gl
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, *args, timeout: float | None = None, backend: str = "gloo") -> None:
+def spawn(fn, world: int, *args, timeout: float | None = None, backend: str = "gloo",
+          init: bool = True) -> None:  # fmt: skip
     """Runs ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo group (the
     default group; ``backend="nccl"``: rank i on GPU i); raises if any of them raised.
-    ``fn`` must be importable (module level).
+    ``fn`` must be importable (module level). ``init=False``: no group is made; each process
+    finds the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...), for
+    code that makes its own group as it would under torchrun.
     A port taken between choosing and binding it is retried with another. ``timeout``
     (seconds): a collective waiting longer raises (gloo's own timeout), and processes still
     running after it (plus a margin) are terminated and TimeoutError raised, so that a test
     of code that could hang fails instead."""
     for attempt in range(3):
         try:
-            ctx = _start(fn, world, args, timeout, backend)
+            ctx = _start(fn, world, args, timeout, backend, init)
             if timeout is None:
                 while not ctx.join():
                     pass
@@ -65,14 +72,15 @@ def spawn(fn, world: int, *args, timeout: float | None = None, backend: str = "g
                 raise
 
 
-def _start(fn, world: int, args, timeout: float | None, backend: str):
+def _start(fn, world: int, args, timeout: float | None, backend: str, init: bool):
     if backend == "nccl":
         method, env = "spawn", None
     else:
         method, env = "forkserver", dict(os.environ)
         forkserver.context()  # the server's preloaded modules
-    return mp.start_processes(_entry, args=(world, free_port(), fn, args, timeout, backend, env),
-                              nprocs=world, join=False, start_method=method)  # fmt: skip
+    settings = (world, free_port(), fn, args, timeout, backend, env, init)
+    return mp.start_processes(_entry, args=settings, nprocs=world, join=False,
+                              start_method=method)  # fmt: skip
 
 
 def _join_with_deadline(ctx, fn, world: int, timeout: float) -> None:
