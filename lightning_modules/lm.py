@@ -6,15 +6,20 @@ Loss is token-level cross-entropy in float32 over the scored targets (those whos
 ``IGNORE_INDEX``: every target of a corpus window, the answers of a task). Validation
 perplexity is ``exp(sum of NLL / number of scored targets)`` with both sums kept in float64
 and reduced across ranks: never a mean of per-batch perplexities; accuracy is the share of
-scored targets that are the most likely next token. The optimiser and schedule are
-lightning_modules/optim.py's. What is not training logic is a callback, wired by
+scored targets that are the most likely next token; bits per byte (``val/bpb``, text sources)
+is the summed NLL over the UTF-8 bytes the scored targets cover, times log2(e), both sums
+reduced the same way, so that runs with different tokenizers compare. The optimiser and
+schedule are lightning_modules/optim.py's. What is not training logic is a callback, wired by
 pipeline/build.py: skipping diverged steps (nonfinite.py) and throughput logging
 (throughput.py).
 """
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -72,6 +77,20 @@ class CausalLM(L.LightningModule):
         self.context_parallel_layout = distributed.check_layout(context_parallel_layout)
         self.loss_chunk = check_chunk(loss_chunk)
         self.context_group = None  # this rank's context-parallel group, made in setup
+        # (V,) UTF-8 bytes each token id covers (data/token_bytes.py), set by pipeline/build.py
+        # from the run's tokenizer; None (a task's word-level tokens): no val/bpb. Not
+        # persistent: a checkpoint's tensors do not depend on whether it was set
+        self.register_buffer("token_bytes", None, persistent=False)
+
+    def set_token_bytes(self, table: np.ndarray | torch.Tensor) -> None:
+        """Logs ``val/bpb`` from now on, with ``table[i]`` the bytes token id i covers."""
+        table = torch.as_tensor(table, dtype=torch.int64)
+        if table.shape != (self.config.vocab_size,):
+            raise ValueError(
+                f"token byte table of shape {tuple(table.shape)}: the model has "
+                f"{self.config.vocab_size} token ids, one count each"
+            )
+        self.token_bytes = table.to(self.model.lm_head.weight.device)
 
     def setup(self, stage: str) -> None:
         if self.context_group is None:
@@ -140,14 +159,16 @@ class CausalLM(L.LightningModule):
     # -- validation: sums, not means ---------------------------------------------------------
 
     def on_validation_epoch_start(self):
-        # summed NLL, scored targets, correct ones
-        self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # summed NLL, scored targets, correct ones, UTF-8 bytes the scored targets cover
+        self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int):
         nll, keep, hidden, labels = self._scored(batch)
         self._sums[0] += nll.double().sum()
         self._sums[1] += keep.sum()
         self._sums[2] += self._correct(hidden[keep], labels[keep])
+        if self.token_bytes is not None:  # this rank's slice: the ranks' sums add up
+            self._sums[3] += self.token_bytes[labels.where(keep, 0)].where(keep, 0).sum()
 
     def _correct(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """How many of ``labels (T,)`` are the argmax of their logits, in chunks of tokens."""
@@ -158,13 +179,17 @@ class CausalLM(L.LightningModule):
         return count
 
     def on_validation_epoch_end(self):
-        nll_sum, tokens, correct = self.trainer.strategy.reduce(self._sums, reduce_op="sum")
+        sums = self.trainer.strategy.reduce(self._sums, reduce_op="sum")
+        nll_sum, tokens, correct, nbytes = sums
         loss = nll_sum / tokens.clamp(min=1)
         self.log("val/loss", loss.float(), sync_dist=False, prog_bar=True)
         self.log("val/ppl", loss.exp().float(), sync_dist=False, prog_bar=True)
         self.log("val/tokens", tokens.float(), sync_dist=False)
         accuracy = correct / tokens.clamp(min=1)
         self.log("val/accuracy", accuracy.float(), sync_dist=False, prog_bar=True)
+        if self.token_bytes is not None:
+            bpb = nll_sum / nbytes.clamp(min=1) / math.log(2)
+            self.log("val/bpb", bpb.float(), sync_dist=False)
 
     # -- optimiser ---------------------------------------------------------------------------
 

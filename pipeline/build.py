@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from data.datamodule import LongContextDataModule
+from data.token_bytes import byte_table
 from lightning_modules.lm import CausalLM
 from lightning_modules.nonfinite import NonFiniteGuard
 from lightning_modules.throughput import Throughput
@@ -107,6 +108,16 @@ def callbacks(cfg: RunConfig) -> list[L.Callback]:
     ]
 
 
+def set_token_bytes(module: CausalLM, tokenizer) -> None:
+    """The bytes each token covers, for ``val/bpb``: read from a byte-level BPE's token strings
+    (every tokenizer this repository trains); another tokenizer given as data.tokenizer_path
+    has no such table, and the run logs no val/bpb (with a warning saying why)."""
+    try:
+        module.set_token_bytes(byte_table(tokenizer))
+    except ValueError as err:
+        log.warning("no val/bpb: %s", err)
+
+
 def build(cfg: RunConfig):
     """Returns (trainer, module, datamodule, ckpt_path) for ``trainer.fit``."""
     check_writable(cfg.run_dir)
@@ -123,6 +134,8 @@ def build(cfg: RunConfig):
         loss_chunk=cfg.loss_chunk,
         run_config=plain,
     )
+    if datamodule.corpus is not None:  # a text source: val/bpb
+        set_token_bytes(module, datamodule.corpus.tokenizer)
     if cfg.init_from and not ckpt_path:  # a resumed run has its own, trained weights
         step = load_weights(module, cfg.init_from)
         log.info("weights from %s (step %d); optimizer, schedule and data start afresh",

@@ -1,5 +1,6 @@
 """Training with each window split across ranks (context_parallel) is training on the whole
-window: per-step losses and validation perplexity equal those of the run without the split."""
+window: per-step losses, validation perplexity and bits per byte equal those of the run without
+the split."""
 
 import subprocess
 import sys
@@ -33,9 +34,10 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert sorted(la) == sorted(lb) and len(la) == 5
     for step in la:
         assert la[step] == pytest.approx(lb[step], abs=1e-5), (step, la[step], lb[step])
-    va, vb = metric(a, "val/ppl"), metric(b, "val/ppl")
-    assert va and va.keys() == vb.keys()
-    assert all(va[s] == pytest.approx(vb[s], rel=1e-5) for s in va)
+    for name in ("val/ppl", "val/bpb"):  # bpb: each rank's bytes of its slice, summed
+        va, vb = metric(a, name), metric(b, name)
+        assert va and va.keys() == vb.keys()
+        assert all(va[s] == pytest.approx(vb[s], rel=1e-5) for s in va)
 
 
 def test_split_windows_train_as_whole_ones(tiny_args, tmp_path):

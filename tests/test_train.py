@@ -175,8 +175,8 @@ def test_lr_schedule_shapes():
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tiny_args, tmp_path):
-    """DDP (gloo) trains on different data per rank; validation perplexity over all windows
-    equals the single-process value for the same weights."""
+    """DDP (gloo) trains on different data per rank; validation perplexity and bits per byte
+    over all windows equal the single-process values for the same weights."""
     import subprocess
     import sys
 
@@ -200,22 +200,21 @@ def test_ddp_on_two_cpu_processes(tiny_args, tmp_path):
     ]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ddp_ppl = [
-        float(r["val/ppl"])
-        for r in csv.DictReader(
-            next((run / "logs").glob("version_*/metrics.csv")).read_text().splitlines()
-        )
-        if r.get("val/ppl")
-    ][-1]
+    log = next((run / "logs").glob("version_*/metrics.csv")).read_text()
+    rows = csv.DictReader(log.splitlines())
+    ddp_ppl, ddp_bpb = [(float(r["val/ppl"]), float(r["val/bpb"])) for r in rows
+                        if r.get("val/ppl")][-1]  # fmt: skip
     # the same weights, validated in one process over the same windows
-    from pipeline.build import build
+    from pipeline.build import build, set_token_bytes
     from settings.loading import split_argv
 
     cfg = load_run_config(*split_argv([*common, f"run_dir={tmp_path / 'single'}"]))
     trainer, _, datamodule, _ = build(cfg)
     module = CausalLM.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    set_token_bytes(module, datamodule.corpus.tokenizer)
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     assert metrics["val/ppl"] == pytest.approx(ddp_ppl, rel=1e-5)
+    assert metrics["val/bpb"] == pytest.approx(ddp_bpb, rel=1e-5)  # summed bytes, not means
     # different data per rank: the two ranks' first windows differ
     first = [
         datamodule.train_dataset(rank=r, world_size=2).shard_indices(r, 0)[:4].tolist()
