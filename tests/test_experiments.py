@@ -6,6 +6,7 @@ import pytest
 
 from experiments.bench import attention_scaling, data_throughput, model_cost
 from pipeline.provenance import rows_of
+from tests.support.forkserver import fork_launches
 
 
 def test_attention_scaling_micro(tmp_path, capsys):
@@ -56,23 +57,25 @@ def test_model_cost_micro(tmp_path, capsys):
 @pytest.mark.parametrize(
     "worlds", [[2], pytest.param([1, 2], marks=pytest.mark.slow)], ids=["P2", "P1-P2"]
 )
-def test_context_parallel_micro(tmp_path, capsys, worlds):
+def test_context_parallel_micro(tmp_path, capsys, monkeypatch, worlds):
     """One size (and one world in the fast suite: each world is a process launch): the bytes
     counted at the collectives are the formula's, and one process moves none."""
     from experiments.bench import context_parallel as bench
 
-    argv = ["--sizes", "4096", "--repeats", "1", "--out", str(tmp_path)]
+    fork_launches(monkeypatch, bench)
+    n = 2048 if worlds == [2] else 4096  # the paper's smallest segment; 4096: two of them
+    argv = ["--sizes", str(n), "--repeats", "1", "--out", str(tmp_path)]
     bench.main(["--worlds", *map(str, worlds), *argv])
     rows = rows_of(tmp_path / "context_parallel.json")
-    assert [(r["P"], r["n"]) for r in rows] == [(w, 4096) for w in worlds]
+    assert [(r["P"], r["n"]) for r in rows] == [(w, n) for w in worlds]
     for r in rows:
-        assert r["fwd_received"] == bench.formula_received(4096, r["P"]) * 4  # fp32 bytes
+        assert r["fwd_received"] == bench.formula_received(n, r["P"]) * 4  # fp32 bytes
         if r["P"] == 1:
             assert r["fwd_received"] == 0
         else:
             assert r["fwdbwd_sent"] + r["fwdbwd_received"] > r["fwd_received"]
     out = capsys.readouterr().out
-    assert "| 2 | 4K |" in out and "projection, 1B tokens" in out
+    assert f"| 2 | {n // 1024}K |" in out and "projection, 1B tokens" in out
     assert (tmp_path / "context_parallel.png").exists()
 
 
@@ -82,12 +85,13 @@ def test_context_parallel_micro(tmp_path, capsys, worlds):
                                        marks=pytest.mark.slow)],
     ids=["plain-saving", "all"],
 )  # fmt: skip
-def test_long_sequence_micro(tmp_path, capsys, modes):
+def test_long_sequence_micro(tmp_path, capsys, monkeypatch, modes):
     """Each (N, mode) in its own process (a launch each: two modes in the fast suite; the
     modes' losses and memory are also compared in-process by tests/test_memory.py): the
     memory savers lower the peak per token and leave the loss as it is."""
     from experiments.bench import long_sequence
 
+    fork_launches(monkeypatch, long_sequence)
     long_sequence.main(["--lengths", "2048", "--chunk", "512", "--out", str(tmp_path),
                         "--repeats", "1", "--modes", *modes])  # fmt: skip
     rows = {r["mode"]: r for r in rows_of(tmp_path / "longseq.json")}

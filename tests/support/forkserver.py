@@ -38,3 +38,21 @@ def run_with_env(env: dict, fn, *args):
     os.environ.clear()
     os.environ.update(env)
     return fn(*args)
+
+
+def fork_launches(monkeypatch, module) -> None:
+    """For one test: the processes that a benchmark ``module`` starts (each measurement in a
+    process of its own, for its own peak memory or its own process group) are forked from the
+    server instead of spawned. The benchmark's code is otherwise what it runs."""
+    import types
+
+    import torch.multiprocessing as torch_mp
+
+    def spawn(fn, args=(), nprocs=1, join=True, **kwargs):  # torch.multiprocessing.spawn's
+        context()
+        return torch_mp.start_processes(fn, args, nprocs, join, start_method="forkserver")
+
+    if getattr(module.mp, "spawn", None) is torch_mp.spawn:  # torch.multiprocessing
+        monkeypatch.setattr(module.mp, "spawn", spawn)
+    else:  # multiprocessing: get_context("spawn")
+        monkeypatch.setattr(module, "mp", types.SimpleNamespace(get_context=lambda _: context()))
