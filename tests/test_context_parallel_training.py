@@ -1,6 +1,12 @@
 """Training with each window split across ranks (context_parallel) is training on the whole
 window: per-step losses, validation perplexity and bits per byte equal those of the run without
-the split."""
+the split.
+
+The fast test's ranks are forked from the preloaded server (tests/support/forkserver.py) and
+find the variables torchrun sets, so Lightning makes the group as it does under torchrun: a
+train.py launch (Lightning starting a second interpreter that imports torch and Lightning
+again) cost 20-30 s on two loaded cores. That launch, as a user starts it, is kept by the slow
+data x context parallel test."""
 
 import subprocess
 import sys
@@ -40,11 +46,23 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert all(va[s] == pytest.approx(vb[s], rel=1e-5) for s in va)
 
 
+def train_rank(rank, world, args):
+    """One process of ``torchrun train.py``: train.py's function, whose Lightning DDP makes
+    the group (and the context-parallel one) from torchrun's variables."""
+    train(args)
+
+
 def test_split_windows_train_as_whole_ones(tiny_args, tmp_path):
-    """2 processes splitting each window = 1 process with the whole window."""
+    """2 processes splitting each window = 1 process with the whole window, in each layout
+    (the layout set from the config on the group Lightning's setup makes)."""
     train(tiny_args(tmp_path / "one", *SPLIT))
-    launch(tiny_args(tmp_path / "split", *SPLIT, "context_parallel=2"), devices=2)
-    assert_same_run(tmp_path / "one", tmp_path / "split")
+    ddp = ["trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    for layout in ("contiguous", "balanced"):
+        split = tmp_path / layout
+        args = tiny_args(split, *SPLIT, *ddp, "context_parallel=2",
+                         f"context_parallel_layout={layout}")  # fmt: skip
+        spawn(train_rank, 2, args, timeout=120, init=False)
+        assert_same_run(tmp_path / "one", split)
 
 
 def test_one_optimizer_step_equals_the_whole_window():
@@ -61,7 +79,8 @@ def test_one_optimizer_step_equals_the_whole_window():
 
 @pytest.mark.slow
 def test_data_times_context_parallel(tiny_args, tmp_path):
-    """4 processes as 2 data-parallel groups of 2 splitting ranks = 2 data-parallel processes."""
+    """4 processes as 2 data-parallel groups of 2 splitting ranks = 2 data-parallel processes,
+    each run launched by train.py as a user starts it (Lightning starting the other ranks)."""
     launch(tiny_args(tmp_path / "dp", *SPLIT), devices=2)
     launch(tiny_args(tmp_path / "dpcp", *SPLIT, "context_parallel=2"), devices=4)
     assert_same_run(tmp_path / "dp", tmp_path / "dpcp")
