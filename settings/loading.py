@@ -98,9 +98,12 @@ def _check_trainer(update: DictConfig, origin: str) -> None:
 
 
 def _merge_one(cfg: DictConfig, update: DictConfig, origin: str, known: list[str]) -> DictConfig:
+    """``update`` merged into ``cfg`` in place: both are merge()'s own (fresh from the schema,
+    a file or an override) and dropped on an error, so the deep copy of the whole config that
+    OmegaConf.merge makes per file and override (most of a study plan's time) is skipped."""
     _check_trainer(update, origin)
     try:
-        return OmegaConf.merge(cfg, update)
+        return OmegaConf.unsafe_merge(cfg, update)
     except ConfigKeyError as err:
         key = err.full_key or str(err.key)
         close = difflib.get_close_matches(key, known, n=1)
