@@ -26,8 +26,10 @@ def test_training_command_passes_the_config_checks(tmp_path):
 
 
 def test_benchmark_stage_runs(monkeypatch):
-    res = gpu_check.run_bench(60, sizes=[1024, 2048], device="cpu", dtype="float32")
-    assert res["status"] == "ok" and [r["n"] for r in res["rows"]] == [1024, 2048]
+    """The stage's own call of the attention benchmark, at sizes a CPU runs in a second (the
+    sizes only scale the work: 1024 and 2048 took 7 s of the fast suite)."""
+    res = gpu_check.run_bench(60, sizes=[256, 512], device="cpu", dtype="float32")
+    assert res["status"] == "ok" and [r["n"] for r in res["rows"]] == [256, 512]
     assert all(r["fwdbwd_s"] > 0 and r["dense_fwdbwd_s"] > 0 for r in res["rows"])
 
 
