@@ -2,10 +2,6 @@
 line on stderr and exit status 2 (settings/cli.py), before anything trains; one case per
 source (data/sources.py DataError)."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 import data.sources
@@ -13,22 +9,17 @@ from data.sources import DataError
 from pipeline.training import train
 from settings.cli import run_cli
 from settings.loading import load_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.forkserver import run_script
 
 
 def test_train_py_on_a_missing_directory_is_one_line_and_exit_2(tmp_path):
-    """The command line as a user types it: no traceback, the message names the setting."""
-    res = subprocess.run(
-        [sys.executable, "train.py", "data.source=text_dir", "data.path=/nonexistent",
-         f"run_dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == (
-        "error: data.path='/nonexistent' is not a directory"
-    )
+    """The command line as a user types it (train.py run as __main__ in a child process, forked
+    with torch and Lightning imported): no traceback, the message names the setting."""
+    status, _, stderr = run_script("train.py", ["data.source=text_dir", "data.path=/nonexistent",
+                                                f"run_dir={tmp_path / 'run'}"])  # fmt: skip
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "error: data.path='/nonexistent' is not a directory"
 
 
 def _run(tmp_path, capsys, *overrides) -> str:

@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PRELOAD = [
     "torch",
@@ -56,3 +61,31 @@ def fork_launches(monkeypatch, module) -> None:
         monkeypatch.setattr(module.mp, "spawn", spawn)
     else:  # multiprocessing: get_context("spawn")
         monkeypatch.setattr(module, "mp", types.SimpleNamespace(get_context=lambda _: context()))
+
+
+def _script(script: str, argv: list[str], out: str, err: str) -> None:
+    import runpy
+
+    os.chdir(ROOT)
+    sys.stdout, sys.stderr = open(out, "w", buffering=1), open(err, "w", buffering=1)  # noqa: SIM115
+    os.dup2(sys.stdout.fileno(), 1)
+    os.dup2(sys.stderr.fileno(), 2)
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+def run_script(script: str, argv: list[str], timeout: float = 300) -> tuple[int, str, str]:
+    """``python script argv...`` from the repository root, as a user types it, in a forked
+    child that runs the file as ``__main__``: (exit status, stdout, stderr)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = f"{tmp}/stdout", f"{tmp}/stderr"
+        child = context().Process(
+            target=run_with_env, args=(dict(os.environ), _script, script, argv, out, err)
+        )
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise TimeoutError(f"{script} still running after {timeout} s")
+        return child.exitcode, Path(out).read_text(), Path(err).read_text()
