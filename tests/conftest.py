@@ -2,6 +2,7 @@
 configs (configs/debug/tiny.yaml: the smallest run that exercises everything)."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,14 @@ from tests.support.runs import tiny_run
 # Tests never touch the network: Hugging Face libraries must use local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_finish(session):
+    """The collected tests that start processes import tests/support/forkserver.py: its server
+    starts now, importing torch and Lightning beside the first tests instead of in the first
+    test that forks."""
+    if "tests.support.forkserver" in sys.modules and not session.config.option.collectonly:
+        sys.modules["tests.support.forkserver"].start()
 
 
 def pytest_collection_modifyitems(config, items):

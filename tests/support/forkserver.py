@@ -38,6 +38,15 @@ def context():
     return ctx
 
 
+def start() -> None:
+    """Starts the server now, without waiting for its imports (tests/conftest.py, once the
+    tests are collected: the imports then overlap with the first tests)."""
+    from multiprocessing import forkserver
+
+    context()
+    forkserver.ensure_running()
+
+
 def run_with_env(env: dict, fn, *args):
     """In a child: the test process's environment at the start, then ``fn(*args)``."""
     os.environ.clear()
