@@ -17,7 +17,7 @@ import pytest
 from pipeline.outputs import metric
 from pipeline.training import train
 from settings.loading import ConfigError, load_run_config
-from tests.support.context_parallel_cases import training_step_equivalences
+from tests.support.context_parallel_cases import train_rank, training_step_equivalences
 from tests.support.distributed import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +44,6 @@ def assert_same_run(a: Path, b: Path) -> None:
         va, vb = metric(a, name), metric(b, name)
         assert va and va.keys() == vb.keys()
         assert all(va[s] == pytest.approx(vb[s], rel=1e-5) for s in va)
-
-
-def train_rank(rank, world, args):
-    """One process of ``torchrun train.py``: train.py's function, whose Lightning DDP makes
-    the group (and the context-parallel one) from torchrun's variables."""
-    train(args)
 
 
 def test_split_windows_train_as_whole_ones(tiny_args, tmp_path):

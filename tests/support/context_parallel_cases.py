@@ -1,5 +1,7 @@
-"""What each rank runs in the context-parallel attention tests: the distributed result on its
-slice against the single-process result on the whole sequence (forward 1e-5, gradients 1e-4)."""
+"""What each rank runs in the context-parallel tests: the distributed result on its slice
+against the single-process result on the whole sequence (forward 1e-5, gradients 1e-4), one
+optimizer step, train.py's and eval.py's work. Every rank's function lives here, not in the
+test modules, so that a forked rank imports none of them."""
 
 from __future__ import annotations
 
@@ -294,3 +296,43 @@ def attention_checks(rank, world, cases, errors=None, models=False) -> None:
         local_pairs_run_while_rows_travel(rank, world)
     if models:
         compare_models(rank, world)
+
+
+def train_rank(rank, world, args) -> None:
+    """One process of ``torchrun train.py``: train.py's function, whose Lightning DDP makes
+    the group (and the context-parallel one) from torchrun's variables."""
+    from pipeline.training import train
+
+    train(args)
+
+
+def eval_with_oom(rank, world, ckpt, out_dirs):
+    """eval.py's work on 2 ranks, once per failing rank (``out_dirs[i]``: rank i fails), in one
+    group: the second run also shows the group still aligned after the first. The failing
+    rank runs out of memory in the feed-forward of the first layer at length 16 (slices of 8),
+    after that layer's exchange and before the second's: the other rank is then already on
+    its way into the next exchange."""
+    import models.transformer as T
+    from pipeline.evaluation import evaluate
+
+    original = T.FeedForward.forward
+    failing = {"rank": None}
+
+    def forward(self, x):
+        if rank == failing["rank"] and x.shape[1] == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, x)
+
+    T.FeedForward.forward = forward
+    for failing_rank, out_dir in enumerate(out_dirs):
+        failing["rank"] = failing_rank
+        args = [f"checkpoints=[{ckpt}]", "context_lengths=[16,64]", "split=val", "suffix=8",
+                f"out_dir={out_dir}", "context_parallel=2", "span_windows=0"]  # fmt: skip
+        (result,) = evaluate(args)
+        at, where = result.lengths, f"rank {failing_rank} failing"
+        assert at[16].ppl is None and at[16].reason == "not reached: out of memory", (where, at)
+        assert at[64].ppl is not None and at[64].tokens > 0, (where, at[64])  # went on, aligned
+        assert (
+            result.prompting[64] == result.prompting[64]
+            and result.prompting[16] != (result.prompting[16])
+        ), where  # NaN where the prompt of 16 ran out of memory on one rank

@@ -4,7 +4,13 @@ any assertion in any rank fail the test with its traceback.
 Gloo ranks are forked from tests/support/forkserver.py's server (torch and Lightning imported
 once), not spawned as fresh interpreters that import them again: seconds per rank, most of
 what a 2- or 4-process test cost on two cores. NCCL ranks are still spawned (each process
-makes its own CUDA context)."""
+makes its own CUDA context). A forked rank imports the module defining its function:
+tests/support/context_parallel_cases.py costs it little, a test module all that it imports.
+
+Ranks are processes, not threads of the test process: the code under test keeps per-process
+state (the default group, each group's layout, the exchanges in flight, the forward's
+agreement scope) and the tests patch module functions in one rank only (a rank that runs out
+of memory), which threads would share."""
 
 from __future__ import annotations
 
