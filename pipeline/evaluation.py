@@ -222,7 +222,7 @@ def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet
     """A model's Result: perplexity at every length, prompting curve, position profile."""
     res = sc.Result(model.label, documents=scored)
     cap = cfg.max_tokens_per_document
-    total = sum(len(sc.windows_at(split, docs, n, cap)) * n for n in lengths)  # about
+    total = sum(sc.planned_tokens(split, docs, n, cap, cfg.window, cfg.stride) for n in lengths)
     with Progress(total + len(docs) * len(prompts), desc=model.name, quiet=quiet) as bar:
         for n in lengths:
             try:

@@ -263,6 +263,16 @@ def windows_at(split: Split, docs: list[int], length: int, cap: int | None = Non
     return np.asarray(starts, dtype=np.int64)
 
 
+def planned_tokens(split: Split, docs, length: int, cap=None, window="disjoint", stride=None):
+    """Target positions :func:`measure` runs at ``length`` (scored or not): a progress total."""
+    total = 0
+    for d in docs:
+        n = int(split.lengths[d]) if cap is None else min(int(split.lengths[d]), cap + 1)
+        n += window == "rolling"  # the start token in front
+        total += sum(e - b - 1 for b, e, _ in windows.plan(n, length, window, stride))
+    return total
+
+
 def gather(split: Split, starts, length: int, device) -> torch.Tensor:
     rows = [split.tokens[s : s + length + 1].astype(np.int64) for s in starts]
     return torch.from_numpy(np.stack(rows)).to(device)

@@ -77,6 +77,24 @@ def test_measure_equals_the_naive_sum(method, stride):
     assert got.nll == pytest.approx(total, rel=1e-6)  # float32 logits
 
 
+class Counter:
+    """A progress bar that adds up what it is told."""
+
+    n = 0
+
+    def update(self, k):
+        self.n += k
+
+
+@pytest.mark.parametrize("method,stride", [("disjoint", None), ("strided", 5), ("truncate", None),
+                                           ("rolling", None)])  # fmt: skip
+def test_the_progress_total_is_what_measure_runs(method, stride):
+    model, split = random_model(), random_split()
+    bar = Counter()
+    sc.measure(model, split, [0, 1, 2], 16, 50, CPU, cap=60, bar=bar, window=method, stride=stride)
+    assert bar.n == sc.planned_tokens(split, [0, 1, 2], 16, 60, method, stride)
+
+
 def test_measure_strided_at_stride_length_equals_disjoint():
     model, split = random_model(), random_split()
     a = sc.measure(model, split, [0, 1, 2], 8, 64, CPU, cap=32, window="disjoint")
