@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench bench-quick bench-documents documents gpu-check context-parallel context-parallel-balance long-sequence decode longrange table2 ablate throughput report clean
+.PHONY: demo test test-slow lint format bench bench-quick bench-documents documents gpu-check context-parallel context-parallel-balance long-sequence decode bpb longrange table2 ablate throughput report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -97,6 +97,11 @@ long-sequence: $(STAMP)
 # tiny dense Transformer, batch 1: prefill s, decode tokens/s, cache MiB at 1K-64K (#25)
 decode: $(STAMP)
 	$(PY) -m experiments.bench.decode
+
+# bits per byte against context (128-8192) of the demo and Table 2 models on the stdlib test
+# split and the King James Bible (apt-get install -y bible-kjv), disjoint and strided (#27)
+bpb: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m experiments.studies.bpb
 
 # every results table of README.md and experiments/README.md, from experiments/results/
 # (`python -m experiments.report --check` says what differs; tests/test_report.py runs it)

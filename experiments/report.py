@@ -591,6 +591,36 @@ def documents(results_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
+@table("bpb")
+def bpb(results_dir: Path) -> str:
+    """Bits per byte against context, per model and window method, on each corpus
+    (experiments/studies/bpb.py)."""
+    f = "bpb/bpb.csv"
+    if not (results_dir / f).exists():
+        return "Not yet measured: `make bpb` writes `experiments/results/bpb/bpb.csv`."
+    rows = read_csv(results_dir / f)
+    corpora = list(dict.fromkeys(r["corpus"] for r in rows))
+    lengths = sorted({r["context"] for r in rows})
+    value = {(r["corpus"], r["model"], r["method"], r["context"]): r["bpb"] for r in rows}
+    out, methods = [], list(dict.fromkeys(r["method"] for r in rows))
+    pairs = [(m, w) for m in dict.fromkeys(r["model"] for r in rows) for w in methods]
+    for model, method in pairs:
+        r0 = next(r for r in rows if r["model"] == model)
+        out.append([r0["label"], r0["train_len"], method,
+                    *(_cell3(value.get((c, model, method, n))) for c in corpora
+                      for n in lengths)])  # fmt: skip
+    names = {"stdlib": "stdlib", "kjv": "KJV"}
+    header = ["model", "trained at", "window", *(f"{names.get(c, c)} @{n}" for c in corpora
+                                                  for n in lengths)]  # fmt: skip
+    docs = {c: next(r["documents"] for r in rows if r["corpus"] == c) for c in corpora}
+    note = "documents per corpus: " + ", ".join(f"{names.get(c, c)} {docs[c]}" for c in corpora)
+    return markdown(header, out) + "\n\n" + source(results_dir, [f], "make bpb", note)
+
+
+def _cell3(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) and x == x else "-"
+
+
 @table("headline", document="README.md")
 def headline(results_dir: Path) -> str:
     """A few numbers from the tables of experiments/README.md, each with its file."""
