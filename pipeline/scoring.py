@@ -37,7 +37,6 @@ from models.loss import chunked_nll
 from models.positional import XposRangeError
 from models.transformer import ModelConfig, TransformerLM, schedule_at
 from pipeline import windows
-from pipeline.checkpoints import check_checkpoint
 from settings.loading import ConfigError
 from settings.schema import CORPUS_KEYS
 
@@ -126,6 +125,10 @@ def not_reached(err: Exception) -> str | None:
 def load_model(path: str, data_overrides: dict, blockwise: bool, device) -> Model:
     """Rebuilds a checkpoint's model and the data config to evaluate it on (its own corpus
     unless ``data_overrides`` name another, always its own tokenizer)."""
+    # imported here: checkpoints.py imports Lightning (seconds), which the rest of scoring
+    # (window methods, bits per byte, hf: baselines) and its tests do not need
+    from pipeline.checkpoints import check_checkpoint
+
     ckpt = check_checkpoint(path)
     run = ckpt["hyper_parameters"].get("run_config") or {}
     model_cfg = dict(ckpt["hyper_parameters"]["model"])

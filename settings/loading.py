@@ -12,11 +12,11 @@ window of 0, ...). Every failure is a :class:`ConfigError` that names the key an
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-import lightning as L
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -24,8 +24,17 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from models.transformer import ModelConfig
 from settings.schema import EvalConfig, RunConfig
 
-TRAINER_KEYS = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@functools.cache
+def trainer_keys() -> frozenset[str]:
+    """``lightning.Trainer``'s argument names. Lightning is imported here, when a trainer
+    section is checked, not with this module: it takes seconds, and what reads eval configs
+    or raises ConfigError (scoring, its tests) does not need it."""
+    import lightning as L
+
+    return frozenset(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
 
 
 class ConfigError(ValueError):
@@ -89,8 +98,8 @@ def flat_keys(cfg, prefix: str = "") -> list[str]:
 def _check_trainer(update: DictConfig, origin: str) -> None:
     trainer = update.get("trainer") if isinstance(update, DictConfig) else None
     for key in trainer or {}:
-        if key not in TRAINER_KEYS:
-            close = difflib.get_close_matches(key, TRAINER_KEYS, n=1)
+        if key not in trainer_keys():
+            close = difflib.get_close_matches(key, sorted(trainer_keys()), n=1)
             hint = f"; did you mean trainer.{close[0]}?" if close else ""
             raise ConfigError(
                 f"unknown key trainer.{key} in {origin}: not an argument of lightning.Trainer{hint}"
