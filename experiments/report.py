@@ -621,6 +621,85 @@ def _cell3(x) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) and x == x else "-"
 
 
+def _md_rows(path: Path, index: int = 0) -> list[dict]:
+    """The rows of a study's ``index``-th markdown table, by column name, numbers parsed."""
+    header, _, *lines = md_tables(path)[index].splitlines()
+    names = [c.strip() for c in header.strip("|").split("|")]
+    cells = [[_number(c.strip()) for c in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(names, row, strict=True)) for row in cells]
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min"
+
+
+@table("studies")
+def studies(results_dir: Path) -> str:
+    """Every study and benchmark with its command, config and the time its results file
+    records (training and evaluation seconds; no file records a benchmark's wall time)."""
+    t = json.loads((results_dir / "demo/timing.json").read_text())
+    demo_time = (f"{t['stage']['train_seconds'] + t['main']['train_seconds']} s of training, "
+                 f"{_minutes(t['make_demo_wall_seconds'])} wall with eval.py "
+                 "(`demo/timing.json`)")  # fmt: skip
+    stage = json.loads((results_dir / "paper_table2_recipe/stage_done.json").read_text())
+    runs = [r["train"]["train_seconds"] for r in _table2_runs(results_dir)]
+    recipe_time = (f"training: the shared stage {_minutes(stage['train_seconds'])}, then "
+                   f"{min(runs) / 60:.0f}-{_minutes(max(runs))} per run (the shortest a resumed "
+                   "part), on cores shared with up to five other processes "
+                   "(`paper_table2_recipe/results.json`, `stage_done.json`)")  # fmt: skip
+    tiny = _md_rows(results_dir / "paper_table2_tiny/table.md")
+    tiny_time = (f"{_minutes(sum(r['train s'] for r in tiny))} of training, "
+                 f"{_minutes(sum(r['eval s'] for r in tiny))} of eval.py "
+                 "(`paper_table2_tiny/table.md`)")  # fmt: skip
+
+    def trained(file: str) -> str:
+        took = re.search(r"Training took (\d+) s in all", (results_dir / file).read_text())
+        return f"{_minutes(int(took.group(1)))} of training, all runs (`{file}`)"
+
+    none = "not recorded in its file"
+    rows = [
+        ["`make demo`", "the copying recipe on a tiny LongNet, eval.py from 64 to 2048 tokens",
+         "`configs/experiment/demo*.yaml`", demo_time, "minutes"],
+        ["`make table2`", "the paper's Table 2 protocol with the copying recipe (two one-thread "
+         "processes)", "`configs/study/paper_table2_recipe.yaml`", recipe_time, "minutes"],
+        ["`python -m experiments.studies.paper_table2 --scale tiny`", "the first run, 4 x 256 "
+         "models without the recipe", "`configs/study/paper_table2_tiny.yaml`", tiny_time,
+         "minutes"],
+        ["`python -m experiments.studies.paper_table2 --scale paper`", "Table 2 at the paper's "
+         "scale", "`configs/study/paper_table2_paper.yaml`", "not feasible",
+         "~4 weeks (section 1)"],
+        ["`make ablate`", "dilation-schedule ablation with the copying recipe (two processes)",
+         "`configs/study/ablate_dilation_recipe.yaml`", "not yet run", "minutes"],
+        ["`python -m experiments.studies.ablate_dilation --config "
+         "configs/study/ablate_dilation_tiny.yaml`", "the first ablation, without the recipe",
+         "`configs/study/ablate_dilation_tiny.yaml`",
+         trained("ablate_dilation_tiny/table.md"), "minutes"],
+        ["`make longrange`", "which attention recalls far: recall accuracy by distance (two "
+         "one-thread processes)", "`configs/study/long_range_tiny.yaml`",
+         trained("long_range_tiny/table.md"), "minutes"],
+        ["`make bpb`", "bits per byte against context of the demo and Table 2 models on code and "
+         "prose, two window methods", "arguments of `experiments/studies/bpb.py`", none,
+         "minutes"],
+        ["`make throughput`", "training tokens/s and memory, 2K-32K",
+         "arguments of `experiments/bench/throughput.py`", none, "minutes"],
+        ["`make bench`", "dilated attention alone vs its kernel floor and dense",
+         "arguments of `experiments/bench/attention_scaling.py`", none, "section 0 below"],
+        ["`make context-parallel`", "dilated attention with the sequence split across 1, 2, 4 "
+         "processes", "arguments of `experiments/bench/context_parallel.py`", none,
+         "section 4 below"],
+        ["`make long-sequence`", "one training step at 32K-1M tokens, with and without the "
+         "memory savers", "arguments of `experiments/bench/long_sequence.py`", none,
+         "section 5 below"],
+    ]  # fmt: skip
+    header = ["command", "study", "config", "time on this CPU, from its file",
+              "on one GPU (estimate)"]  # fmt: skip
+    return markdown(header, rows) + (
+        "\n\nThe times are what each study's files record (training and evaluation seconds "
+        "summed over its runs, which two-process studies split between two processes); no "
+        "benchmark file records its wall time. The GPU column is an estimate from FLOP counts."
+    )
+
+
 @table("headline", document="README.md")
 def headline(results_dir: Path) -> str:
     """A few numbers from the tables of experiments/README.md, each with its file."""
