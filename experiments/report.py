@@ -694,8 +694,9 @@ def studies(results_dir: Path) -> str:
     header = ["command", "study", "config", "time on this CPU, from its file",
               "on one GPU (estimate)"]  # fmt: skip
     return markdown(header, rows) + (
-        "\n\nThe times are what each study's files record (training and evaluation seconds "
-        "summed over its runs, which two-process studies split between two processes); no "
+        "\n\nThe times are what the file named in each cell, under `experiments/results/`, records "
+        "(training and evaluation seconds summed over the study's runs, which two-process studies "
+        "split between two processes); no "
         "benchmark file records its wall time. The GPU column is an estimate from FLOP counts."
     )
 
