@@ -431,7 +431,14 @@ def copying_trainpy(results_dir: Path) -> str:
     return markdown(header, out) + "\n\n" + source(results_dir, files, command)
 
 
-DEMO_CALIBRATION = ["A64_w64", "A64_w256", "A64_dense", "A512_w64", "A512_w256", "A512_w256_s300_c25"]
+DEMO_CALIBRATION = [
+    "A64_w64",
+    "A64_w256",
+    "A64_dense",
+    "A512_w64",
+    "A512_w256",
+    "A512_w256_s300_c25",
+]
 
 
 @table("demo_calibration")
