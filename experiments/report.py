@@ -183,6 +183,38 @@ def ablate_tiny(results_dir: Path) -> str:
                        "--config configs/study/ablate_dilation_tiny.yaml")  # fmt: skip
 
 
+ABLATE_RECIPE = (
+    "make ablate (configs/study/ablate_dilation_recipe.yaml: two shards, then the table)"
+)
+
+
+@table("ablate_recipe")
+def ablate_recipe(results_dir: Path) -> str:
+    return study_table(results_dir, "ablate_dilation_recipe/table.md", ABLATE_RECIPE)
+
+
+@table("ablate_recipe_span")
+def ablate_recipe_span(results_dir: Path) -> str:
+    """The repeated-span probe of each schedule (each run's eval.py repeated_span.csv)."""
+    d = "ablate_dilation_recipe"
+    runs = json.loads((results_dir / d / "results.json").read_text())["runs"]
+    rows, distances = [], None
+    for run in runs:
+        span = {
+            r["distance"]: r["drop"]
+            for r in read_csv(results_dir / d / "spans" / f"{run['name']}.csv")
+        }
+        distances = distances or sorted(span)
+        rows.append([run["name"], run["w"], run["r"], *(f"{span[k]:.2f}" for k in distances)])
+    header = ["schedule", "w", "r", *(f"drop d={k}" for k in distances)]
+    note = "each run's runs/ablate_dilation_recipe/<name>/eval/repeated_span.csv, copied"
+    return (
+        markdown(header, rows)
+        + "\n\n"
+        + source(results_dir, [f"{d}/spans/*.csv"], ABLATE_RECIPE, note)
+    )
+
+
 @table("throughput")
 def throughput(results_dir: Path) -> str:
     f = "throughput/throughput.csv"
@@ -252,6 +284,19 @@ def context_parallel_balance_pairs(results_dir: Path) -> str:
     f = "context_parallel/balance_pairs.csv"
     command = "python -m experiments.bench.context_parallel_balance --pairs-only"
     return pairs_table(read_csv(results_dir / f)) + "\n\n" + source(results_dir, [f], command)
+
+
+@table("attention_scaling")
+def attention_scaling(results_dir: Path) -> str:
+    """`make bench`: dilated attention against its kernel floor and dense SDPA, by N."""
+    from experiments.bench.attention_scaling import summary
+    from experiments.bench.attention_scaling import table as bench_table
+
+    f, command = "attention_scaling/attention_scaling.csv", "make bench"
+    if not (results_dir / f).exists():
+        return f"Not measured yet: `{command}` writes `experiments/results/{f}`."
+    rows = read_csv(results_dir / f)
+    return f"{bench_table(rows)}\n\n{summary(rows)}.\n\n{source(results_dir, [f], command)}"
 
 
 @table("context_parallel_balance_timing")
