@@ -99,15 +99,21 @@ def _timed(fn, repeats: int, warm_up: bool = True) -> tuple[float, int, dict]:
     return median(times), peak, moved
 
 
+def rank_inputs(n: int, world: int, rank: int):
+    """This rank's slice shape (1, N / P, H, D), its seeded generator (the gradient is drawn
+    from it after q, k, v) and random q, k, v of that shape."""
+    shape = (1, n // world, HEADS, HEAD_DIM)
+    gen = torch.Generator().manual_seed(rank)
+    return shape, gen, [torch.randn(shape, generator=gen) for _ in range(3)]
+
+
 def measure(n: int, rank: int, world: int, repeats: int, max_backward: int, schedule="paper"):
     """One size on this rank: its slice (1, N / P, H, D) of random q, k, v (above 64K tokens
     one run and no warm-up: those calls take minutes on 2 cores)."""
     repeats, warm = (repeats, True) if n <= 64 * K else (1, False)
     w, r = schedule_of(schedule, n)
     group = dist.group.WORLD
-    shape = (1, n // world, HEADS, HEAD_DIM)
-    gen = torch.Generator().manual_seed(rank)
-    qkv = [torch.randn(shape, generator=gen) for _ in range(3)]
+    shape, gen, qkv = rank_inputs(n, world, rank)
 
     def fwd():
         with torch.no_grad():

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from experiments.bench.context_parallel import _free_port, schedule_of
+from experiments.bench.context_parallel import _free_port, rank_inputs, schedule_of
 from experiments.bench.measure import RESULTS, K, fixed_mmap_threshold, median
 from models.attention import distributed
 from models.attention.dilated import dilated_attention
@@ -107,9 +107,7 @@ def measure(rank: int, world: int, n: int, schedule: str, layout: str, repeats: 
     w, r = schedule_of(schedule, n)
     group = dist.group.WORLD
     distributed.set_layout(group, layout)
-    shape = (1, n // world, HEADS, HEAD_DIM)
-    gen = torch.Generator().manual_seed(rank)
-    qkv = [torch.randn(shape, generator=gen) for _ in range(3)]
+    shape, gen, qkv = rank_inputs(n, world, rank)
 
     def fwd():
         with torch.no_grad():
