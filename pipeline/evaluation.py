@@ -248,9 +248,13 @@ def score_model(model, split, docs, scored, lengths, prompts, cfg, device, quiet
     if cfg.span_windows and reached and reached[-1] >= 2 * cfg.span_length and not model.hf:
         n = reached[-1]
         starts = sc.windows_at(split, docs, n, cap)[: cfg.span_windows]
+        # context parallel: each rank runs its slice of every window, as scoring does (the
+        # whole window on every rank would be P times the work and the memory); a failure on
+        # any rank raises RankFailed on every rank, which not_reached reads like the failure
+        nll_fn = None if model.group is None else (lambda w: sc.model_nll(model, w))
         try:
             res.span = span_probe.probe(model.net, sc.gather(split, starts, n, device),
-                                        cfg.span_length, cfg.span_distances)  # fmt: skip
+                                        cfg.span_length, cfg.span_distances, nll_fn)  # fmt: skip
         except (ValueError, RuntimeError) as err:
             if sc.not_reached(err) is None:
                 raise

@@ -36,20 +36,40 @@ def span_nll(net, inputs: torch.Tensor, start: int, span: int) -> torch.Tensor:
     return -logp.gather(-1, targets[..., None]).squeeze(-1).double().mean(-1)
 
 
-def probe(net, windows: torch.Tensor, span: int = 32, wanted: list[int] | None = None):
+def span_mean(nll: torch.Tensor, start: int, span: int) -> torch.Tensor:
+    """``(W,)`` the mean of ``nll (W, L)`` (per-target NLL, position i predicting token i + 1)
+    over positions ``start .. start + span - 2``: the tokens :func:`span_nll` scores."""
+    return nll[:, start : start + span - 1].double().mean(-1)
+
+
+def probe(net, windows: torch.Tensor, span: int = 32, wanted: list[int] | None = None,
+          nll_fn=None):  # fmt: skip
     """Rows ``{distance, windows, nll_without, nll_with, drop}`` for ``windows (W, L + 1)``
-    (only the L inputs are used), at ``distances(L, span, wanted)``."""
-    inputs = windows[:, :-1]
-    length = inputs.shape[1]
-    start = length - span  # S = inputs[:, start:]
-    one_by_one = lambda x: torch.cat([span_nll(net, w[None], start, span) for w in x])  # noqa: E731
-    without = one_by_one(inputs)  # (W,): windows run one at a time (L may be long)
+    (only the L inputs are used), at ``distances(L, span, wanted)``.
+
+    ``nll_fn (windows (W, L + 1) -> (W, L) per-target NLL, float64)``, when given, scores
+    each window instead of :func:`span_nll`; the span's tokens are the same. Why: under
+    context parallelism each rank holds a slice of every window, and ``net.hidden`` on the
+    whole window would run it all on every rank (P times the work and the memory, at exactly
+    the lengths context parallelism exists for); eval.py passes the model's split scoring
+    (``scoring.model_nll``), which runs each rank's slice and gathers the NLL, and raises
+    ``scoring.RankFailed`` on every rank if any fails. Without it (one process), only the
+    span's rows go through the output layer. The window's last token (a target of neither)
+    is left as it is in the copies."""
+    length = windows.shape[1] - 1
+    start = length - span  # S = windows[:, start:length]
+    if nll_fn is None:
+        one = lambda w: span_nll(net, w[None, :-1], start, span)  # noqa: E731
+    else:
+        one = lambda w: span_mean(nll_fn(w[None]), start, span)  # noqa: E731
+    one_by_one = lambda x: torch.cat([one(w) for w in x])  # noqa: E731
+    without = one_by_one(windows)  # (W,): windows run one at a time (L may be long)
     rows = []
     for d in distances(length, span, wanted):
-        copied = inputs.clone()
-        copied[:, start - d : start - d + span] = inputs[:, start:]
+        copied = windows.clone()
+        copied[:, start - d : start - d + span] = windows[:, start:length]
         with_copy = one_by_one(copied)
-        rows.append({"distance": d, "windows": int(inputs.shape[0]),
+        rows.append({"distance": d, "windows": int(windows.shape[0]),
                      "nll_without": float(without.mean()), "nll_with": float(with_copy.mean()),
                      "drop": float((without - with_copy).mean())})  # fmt: skip
     return rows

@@ -213,7 +213,8 @@ def test_progress_in_a_log_is_lines(ckpt, tmp_path, capsys):
 
 
 def assert_same_scores(one, out_dir) -> None:
-    """``out_dir``'s perplexities and prompting curve equal the single-process Result ``one``."""
+    """``out_dir``'s perplexities, prompting curve and repeated-span rows equal the
+    single-process Result ``one``."""
     import csv
     import json
 
@@ -227,6 +228,12 @@ def assert_same_scores(one, out_dir) -> None:
     assert prompting.keys() == one.prompting.keys()
     for p, v in one.prompting.items():
         assert prompting[p] == pytest.approx(v, abs=1e-6), p
+    # the span probe ran (SPLIT_ARGS: span_length=8 at 64) and, split, scores the same tokens
+    with open(out_dir / "repeated_span.csv", newline="") as f:
+        span = [{k: float(v) for k, v in r.items() if k != "model"} for r in csv.DictReader(f)]
+    assert [r["distance"] for r in one.span] == [8, 16, 32] == [r["distance"] for r in span]
+    for got, want in zip(span, one.span, strict=True):
+        assert got == pytest.approx(want, abs=1e-5), (got, want)
 
 
 def evaluate_rank(rank, world, args):
@@ -235,14 +242,15 @@ def evaluate_rank(rank, world, args):
     run(args)
 
 
-SPLIT_ARGS = ["context_lengths=[16,64]", "split=val", "suffix=8"]
+# span_length=8: the repeated-span probe runs at 64 (distances 8, 16, 32, across the ranks)
+SPLIT_ARGS = ["context_lengths=[16,64]", "split=val", "suffix=8", "span_length=8"]
 
 
 def test_windows_split_across_processes_score_the_same(ckpt, tmp_path):
     """context_parallel=2 in two processes, each finding torchrun's variables and making its
     group as under torchrun: each window split across them gives the single-process
-    perplexities and prompting curve. (The launch by torchrun itself, three more interpreters
-    to start: the slow test below.)"""
+    perplexities, prompting curve and repeated-span probe (split too). (The launch by
+    torchrun itself, three more interpreters to start: the slow test below.)"""
     args = [f"checkpoints=[{ckpt}]", *SPLIT_ARGS]
     one = run([*args, f"out_dir={tmp_path / 'one'}"])[0]
     two = [*args, f"out_dir={tmp_path / 'two'}", "context_parallel=2"]

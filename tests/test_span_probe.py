@@ -86,3 +86,22 @@ def test_distances_shorter_than_the_span_are_refused():
 
     with pytest.raises(ValueError, match=r"span_distances must be >= span_length \(32.*\[16\]"):
         EvalConfig(checkpoints=["x.ckpt"], span_distances=[16, 64])
+
+
+def test_scoring_whole_windows_gives_the_same_rows():
+    """``nll_fn`` (the path eval.py takes under context parallelism: the model's per-target
+    NLL of the whole window, split across ranks there) scores the same span tokens as the
+    single-process path, which projects only the span's rows through the output layer."""
+    from models.transformer import ModelConfig, TransformerLM
+    from pipeline.scoring import nll
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_ff=32,
+                      segment_lengths=[8, 32], dilation_rates=[1, 2])  # fmt: skip
+    net = TransformerLM(cfg).eval()
+    w = torch.randint(0, 50, (2, 65), generator=torch.Generator().manual_seed(1))
+    alone = probe(net, w, span=8)
+    whole = probe(net, w, span=8, nll_fn=lambda x: nll(net, x))
+    assert [r["distance"] for r in whole] == [8, 16, 32] == [r["distance"] for r in alone]
+    for a, b in zip(alone, whole, strict=True):
+        assert b == pytest.approx(a, abs=1e-6), (a, b)
