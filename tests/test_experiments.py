@@ -3,6 +3,7 @@
 import csv
 
 import pytest
+import torch
 
 from experiments.bench import attention_scaling, data_throughput, model_cost
 from pipeline.provenance import rows_of
@@ -79,6 +80,26 @@ def test_context_parallel_micro(tmp_path, capsys, monkeypatch, worlds):
     assert (tmp_path / "context_parallel.png").exists()
 
 
+def test_context_parallel_balance_micro(tmp_path, capsys, monkeypatch):
+    """Both layouts at P = 2 with the overlap measured: every rank's blocked seconds are
+    counted in both modes, and the hidden fraction comes from them (at most 1)."""
+    from experiments.bench import context_parallel_balance as bench
+    from experiments.report import read_csv
+
+    fork_launches(monkeypatch, bench)
+    bench.main(["--n", "4096", "--worlds", "2", "--overlap-worlds", "2", "--schedules", "paper",
+                "--repeats", "1", "--cores", "2", "--out", str(tmp_path)])  # fmt: skip
+    rows = read_csv(tmp_path / "balance_timing.csv")
+    assert [(r["P"], r["layout"]) for r in rows] == [(2, "contiguous"), (2, "balanced")]
+    for r in rows:
+        assert r["fwd_wait_s"] >= 0 and r["fwd_wait_in_flight_s"] >= 0
+        if r["fwd_wait_s"] > 0:
+            assert r["hidden_fraction"] == pytest.approx(
+                1 - r["fwd_wait_in_flight_s"] / r["fwd_wait_s"]
+            )
+    assert "| paper | 2 | balanced |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "modes",
     [["plain", "saving"], pytest.param(["plain", "chunked", "saving", "sublayer"],
@@ -130,3 +151,24 @@ def test_data_throughput_micro_writes_its_file(corpus, tmp_path, capsys):
     assert [int(r["workers"]) for r in rows] == [0] and float(rows[0]["tokens_per_s"]) > 0
     assert (tmp_path / "data_throughput.meta.json").exists()
     assert "| workers | seq_len |" in capsys.readouterr().out
+
+
+def test_peak_memory_reads_the_high_water_mark_with_nothing_beside_the_call():
+    """CPU peak memory is the kernel's high-water mark, reset on entry: a 64 MiB tensor made
+    and freed inside the block is counted, with no sampling thread running beside it."""
+    from experiments.bench.measure import PeakMemory
+
+    with PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(16 * 2**20)  # 64 MiB, written: resident
+        del x
+    assert mem.thread is None  # Linux: clear_refs reset the mark, nothing sampled
+    assert 60 * 2**20 <= mem.peak < 200 * 2**20
+
+
+def test_timed_measures_memory_on_a_call_apart():
+    """One warm-up, one call under PeakMemory, then the timed calls (nothing measuring)."""
+    from experiments.bench.measure import timed
+
+    calls = []
+    seconds, peak = timed(lambda: calls.append(torch.ones(2**20).sum()), torch.device("cpu"), 3)
+    assert len(calls) == 5 and seconds >= 0 and peak >= 0

@@ -11,8 +11,9 @@ B=1, H=12, D=64. Beside it, in the same run:
   dilated attention adds on top (gathers, mixing, scatters) is the ratio to this floor;
 - dense causal attention (torch SDPA) up to --dense-max.
 Writes experiments/results/attention_scaling/attention_scaling.{csv,png} and prints a markdown
-table. Runs on CUDA unchanged (bf16 by default there); on CPU, peak memory is the sampled
-growth of the process's resident set, on CUDA torch's peak allocation.
+table. Runs on CUDA unchanged (bf16 by default there); on CPU, peak memory is the growth of the
+process's resident-set high-water mark in a call of its own (the timed calls run with
+nothing measuring beside them), on CUDA torch's peak allocation.
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ Figure 5, on this machine; the training setting is ``context_parallel``).
 For each P (processes on gloo, this machine's cores split evenly among them) and N: the
 paper's schedule (w = 2048..32768, r = 1, 2, 4, 6, 12), B = 1, H = 12, D = 64, fp32, causal;
 each rank holds N / P tokens. Measured: forward (no grad) and forward+backward time (median
-of --repeats, ranks synchronised), each rank's peak memory growth during the call (sampled
-resident set, as measure.py does), and the bytes each rank sent and received in the
-call's exchanges (counted at the collectives), against the formula ``2 * B * H * D * (w' - l)
-/ r`` elements received per pair by the last rank of a segment (forward; the backward sends as
-much back). Beside it: what dense ring attention would move for the same N and P (every rank
-receives the keys and values of every other rank). Writes
+of --repeats, ranks synchronised), each rank's peak memory growth in a call of its own (the
+resident set's high-water mark, as measure.py measures it), and the bytes each rank sent
+and received in the call's exchanges (counted at the collectives), against the formula
+``2 * B * H * D * (w' - l) / r`` elements received per pair by the last rank of a segment
+(forward; the backward sends as much back). Beside it: what dense ring attention would move
+for the same N and P (every rank receives the keys and values of every other rank). Writes
 experiments/results/context_parallel/context_parallel.{csv,json,png} and prints a markdown
 table and the projection to the paper's setting.
 """
@@ -20,6 +20,7 @@ table and the projection to the paper's setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -79,20 +80,27 @@ def ring_received(n: int, world: int, heads=HEADS, head_dim=HEAD_DIM, batch=1) -
 
 
 def _timed(fn, repeats: int, warm_up: bool = True) -> tuple[float, int, dict]:
-    """Median seconds over ranks' max, this rank's peak growth, and its exchange bytes per call."""
+    """Median seconds over ranks' max, this rank's peak growth, and its exchange bytes per call.
+    With ``warm_up``, memory is measured on a call of its own and the timed calls run with
+    nothing measuring beside them; without (long sequences: one call), the one call does both
+    (the CPU's high-water mark is read before and after, nothing runs beside it)."""
     if warm_up:
         fn()
-    times, peak = [], 0
+        dist.barrier()
+        with PeakMemory(torch.device("cpu")) as mem:
+            fn()
+    times, peak = [], mem.peak if warm_up else 0
     before = dict(distributed.EXCHANGE_BYTES)
     for _ in range(repeats):
         dist.barrier()
-        with PeakMemory(torch.device("cpu")) as mem:
+        with contextlib.nullcontext() if warm_up else PeakMemory(torch.device("cpu")) as mem:
             start = time.perf_counter()
             fn()
             elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         times.append(float(elapsed))
-        peak = max(peak, mem.peak)
+        if not warm_up:
+            peak = max(peak, mem.peak)
     moved = {
         k: (distributed.EXCHANGE_BYTES[k] - before[k]) // repeats for k in ("sent", "received")
     }

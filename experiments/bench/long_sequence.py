@@ -11,8 +11,8 @@ in one loss chunk: the memory plain cross-entropy takes, as the loss was before 
 ``model.checkpointing=sublayer``). The step time is the median of ``--repeats`` steps up to
 128K tokens (the first included: a step at long N is dominated by work, not warm-up), one
 step beyond. Each (N, mode) runs in its own process, so that its peak
-memory (resident-set growth above the process after building the model, sampled; see
-measure.py) is its own, and a length the machine cannot hold (the kernel kills the
+memory (growth of the resident set's high-water mark above the process after building the
+model; see measure.py) is its own, and a length the machine cannot hold (the kernel kills the
 process) is reported as not reached rather than ending the run. Prints a markdown table of
 peak MiB per token and tokens/s; writes experiments/results/long_sequence/longseq.json.
 

@@ -12,9 +12,10 @@ One training step is what train.py does on one batch: the LightningModule's trai
 For each model and N: tokens/s = N / the median step time of --repeats steps after one
 warm-up step, and the step's peak memory: how far memory grows above the model, its
 optimizer state and what the process already holds (activations, gradients, workspace). On
-CPU that is the sampled growth of the resident set (with glibc's MALLOC_MMAP_THRESHOLD_ fixed
-by re-running the script, see measure.py), on CUDA torch's peak allocation. fp32 on
-CPU, bf16 autocast on CUDA, where model FLOPs utilisation is also reported:
+CPU that is the growth of the resident set's high-water mark, in a call apart from the timed
+ones (with glibc's MALLOC_MMAP_THRESHOLD_ fixed by re-running the script, see measure.py),
+on CUDA torch's peak allocation. fp32 on CPU, bf16 autocast on CUDA, where model FLOPs
+utilisation is also reported:
 flops_per_token(config, N) * tokens/s / --peak-tflops (989: H100/H200 bf16 dense).
 
 A model whose step at some N takes longer than --max-seconds skips the longer lengths; a

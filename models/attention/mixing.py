@@ -19,6 +19,7 @@ official LongNet implementation does, puts gradients tens of percent off.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -183,12 +184,19 @@ def plan(q, sources, calls, *, covers_all: bool, scale: float, backend: str) -> 
 # source 0 (this rank's own keys) first and waits only before the first call that reads a
 # received source: the local pairs are computed while the other ranks' rows travel.
 IN_FLIGHT: list = []
+# seconds this process spent blocked in wait_in_flight: what the local calls did not hide (a
+# benchmark counter, beside distributed.EXCHANGE_WAIT_S for exchanges waited where issued)
+IN_FLIGHT_WAIT_S = [0.0]
 
 
 def wait_in_flight() -> None:
+    if not IN_FLIGHT:
+        return
+    start = time.perf_counter()
     while IN_FLIGHT:
         work, _ = IN_FLIGHT.pop(0)
         work.wait()
+    IN_FLIGHT_WAIT_S[0] += time.perf_counter() - start
 
 
 def mixed_forward(p: Plan) -> tuple[torch.Tensor, torch.Tensor]:
