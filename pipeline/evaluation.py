@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data.config import DataConfig
+from models.attention import distributed
 from pipeline import recall_generation, recall_probe, span_probe
 from pipeline import scoring as sc
 from pipeline.eval_files import write_outputs, write_recall
@@ -54,7 +55,7 @@ def _evaluate(cfg: EvalConfig) -> list[sc.Result]:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    group, device = context_group(cfg.context_parallel, device)
+    group, device = context_group(cfg.context_parallel, device, cfg.context_parallel_layout)
     models = _load_models(cfg, group, device)
     first = group is None or dist.get_rank(group) == 0  # the one that reports and writes
     if first:
@@ -196,9 +197,10 @@ def evaluate_recall(models, lengths, cfg: EvalConfig, device) -> list[sc.Result]
     return results
 
 
-def context_group(processes: int, device: torch.device):
+def context_group(processes: int, device: torch.device, layout: str = "contiguous"):
     """(group, device): with context_parallel = P > 1, the P processes of this launch
-    (torchrun sets them up; each window is split across all of them), each on its own GPU."""
+    (torchrun sets them up; each window is split across all of them, in ``layout``:
+    ``distributed.LAYOUTS``), each on its own GPU."""
     if processes == 1:
         return None, device
     if not dist.is_initialized():
@@ -215,6 +217,7 @@ def context_group(processes: int, device: torch.device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    distributed.set_layout(dist.group.WORLD, layout)  # every rank: the same config
     return dist.group.WORLD, device
 
 

@@ -214,10 +214,14 @@ def split_nll(net: TransformerLM, inputs, targets, group, chunk: int) -> torch.T
     the forward once (``distributed.enter_forward``); a rank that fails first issues the
     exchanges it still owes, with zeros (``distributed.drain``); then one all_reduce of a flag
     tells every rank whether any failed, and if so every rank raises :class:`RankFailed`,
-    which eval.py reports as it would the failure itself (length not reached, or a bug)."""
-    world, j = dist.get_world_size(group), dist.get_rank(group)
+    which eval.py reports as it would the failure itself (length not reached, or a bug).
+
+    The rank's tokens are those of the group's layout (``distributed.take_slice``, inputs and
+    targets alike, as ``CausalLM`` takes them; the model reads their global positions from the
+    same layout), and the gathered NLL are put back in sequence order."""
+    world = dist.get_world_size(group)
     n = inputs.shape[1] // world
-    inputs, targets = inputs[:, j * n : (j + 1) * n], targets[:, j * n : (j + 1) * n]
+    inputs, targets = distributed.take_slice(inputs, group), distributed.take_slice(targets, group)
     param = net.lm_head.weight
     fp = distributed.fingerprint(net.config, param.dtype, torch.is_grad_enabled())
     failure, bug = None, None  # (reason, whether not_reached accepts it); the error if not
@@ -231,7 +235,7 @@ def split_nll(net: TransformerLM, inputs, targets, group, chunk: int) -> torch.T
             failure = (reason or f"{type(err).__name__}: {str(err)[:300]}", reason is not None)
             bug = None if reason else err  # an out-of-memory's traceback holds its tensors
         if failure is not None:  # outside the except: the failed forward's tensors are freed
-            _drain(net, scope, inputs.shape[0], distributed.RankSlice(world, j, n), group)
+            _drain(net, scope, inputs.shape[0], distributed.rank_slice(group, n), group)
     if distributed.any_rank(failure is not None, group, param.device):
         every = [None] * world
         dist.all_gather_object(every, failure, group=group)
@@ -241,13 +245,27 @@ def split_nll(net: TransformerLM, inputs, targets, group, chunk: int) -> torch.T
         raise RankFailed(reasons, reached) from bug
     parts = [torch.empty_like(out) for _ in range(world)]
     dist.all_gather(parts, out.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
+    return in_sequence_order(torch.cat(parts, dim=1), group)
+
+
+def in_sequence_order(gathered: torch.Tensor, group) -> torch.Tensor:
+    """``(W, N)``: the ranks' slices concatenated in rank order, each in its slice's order,
+    put back in sequence order under the group's layout (contiguous: as it is)."""
+    layout = distributed.layout_of(group)
+    if layout == "contiguous":
+        return gathered
+    world, n = dist.get_world_size(group), gathered.shape[1] // dist.get_world_size(group)
+    index = torch.cat([distributed.token_index(world, p, n, layout) for p in range(world)])
+    out = torch.empty_like(gathered)
+    out[:, index.to(gathered.device)] = gathered
+    return out
 
 
 def _drain(net: TransformerLM, scope, batch: int, at, group) -> None:
     """The exchanges of a whole forward of ``net`` that this rank has not issued yet, with
     zeros: every layer runs the same schedule on the same shapes, so a forward's exchanges
-    are one layer's, ``n_layer`` times."""
+    are one layer's, ``n_layer`` times; ``at`` (``distributed.rank_slice``) carries the
+    group's layout, which decides the exchanges."""
     cfg, param = net.config, net.lm_head.weight
     pairs = list(zip(*schedule_at(cfg, at.total), strict=True))
     layer = distributed.exchange_plan(pairs, at, batch, cfg.n_head, cfg.d_model // cfg.n_head,

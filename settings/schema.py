@@ -165,6 +165,7 @@ class EvalConfig:
     dense_blockwise: bool = False  # dense models beyond their training length: blockwise
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     context_parallel: int = 1  # processes splitting each window: run with torchrun, P of them
+    context_parallel_layout: str = "contiguous"  # or balanced: pieces j, 2P-1-j (even work)
     loss_chunk: int = 8192  # tokens per chunk of the output layer and loss
     span_windows: int = 4  # repeated-span probe: windows at the longest length (0: off)
     span_length: int = 32  # repeated-span probe: tokens in the repeated span
@@ -217,6 +218,16 @@ class EvalConfig:
         if P < 1 or any(n % P for n in lengths):
             raise ValueError(
                 f"context_parallel={P} must be >= 1 and divide every context length {lengths}"
+            )
+        layouts = ("contiguous", "balanced")  # models/attention/distributed.py's LAYOUTS
+        layout = self.context_parallel_layout
+        if layout not in layouts:
+            raise ValueError(f"context_parallel_layout={layout!r} is not one of {layouts}")
+        odd = [n for n in lengths if n % (2 * P)]
+        if layout == "balanced" and P > 1 and odd:  # (one process: no layout to keep)
+            raise ValueError(
+                f"context lengths {odd} must be multiples of 2 x context_parallel={P} for "
+                "context_parallel_layout=balanced (2P pieces per window)"
             )
 
 

@@ -28,9 +28,12 @@ def ckpt(tmp_path_factory):
 
 
 def test_out_of_memory_on_either_rank_is_shared(ckpt, tmp_path):
-    """Rank 0 failing, then rank 1, in one process group (a group per case cost seconds)."""
-    out_dirs = [str(tmp_path / f"out{rank}") for rank in (0, 1)]
-    spawn(eval_with_oom, 2, ckpt, out_dirs, timeout=TIMEOUT)
-    for out_dir in out_dirs:
+    """Rank 0 failing, then rank 1, in the contiguous layout and then the balanced one (whose
+    exchanges at length 16 differ: both pairs span ranks), in one process group (a group per
+    case cost seconds)."""
+    runs = [(layout, rank, str(tmp_path / f"{layout}{rank}"))
+            for layout in ("contiguous", "balanced") for rank in (0, 1)]  # fmt: skip
+    spawn(eval_with_oom, 2, ckpt, runs, timeout=TIMEOUT)
+    for _, _, out_dir in runs:
         csv = (Path(out_dir) / "ppl_vs_context.csv").read_text()
         assert "not reached: out of memory" in csv, out_dir

@@ -258,6 +258,43 @@ def test_windows_split_across_processes_score_the_same(ckpt, tmp_path):
     assert_same_scores(one, tmp_path / "two")
 
 
+def evaluate_rank_in_layout(rank, world, args, layout):
+    """:func:`evaluate_rank`, checking that every split forward ran in ``layout``."""
+    from models.attention import distributed
+
+    seen, real = [], ev.split_nll
+
+    def split_nll(net, inputs, targets, group, chunk):
+        seen.append(distributed.layout_of(group))
+        return real(net, inputs, targets, group, chunk)
+
+    ev.split_nll = split_nll
+    try:
+        run(args)
+    finally:
+        ev.split_nll = real
+    assert seen and set(seen) == {layout}, seen
+
+
+def test_balanced_layout_scores_the_same(ckpt, tmp_path):
+    """context_parallel=2 with context_parallel_layout=balanced (each rank pieces j and
+    2P - 1 - j of every window): the single-process perplexities, prompting curve (the last
+    targets of each window: wrong if the gathered NLL were not put back in sequence order),
+    repeated-span probe and position profile."""
+    args = [f"checkpoints=[{ckpt}]", *SPLIT_ARGS]
+    one = run([*args, f"out_dir={tmp_path / 'one'}"])[0]
+    two = [*args, f"out_dir={tmp_path / 'two'}", "context_parallel=2",
+           "context_parallel_layout=balanced"]  # fmt: skip
+    spawn(evaluate_rank_in_layout, 2, two, "balanced", timeout=120, init=False)
+    assert_same_scores(one, tmp_path / "two")
+    with open(tmp_path / "two" / "positions.csv", newline="") as f:
+        profile = [(int(r["length"]), int(r["from"]), float(r["mean_nll"]))
+                   for r in csv.DictReader(f)]  # fmt: skip
+    assert [(n, a) for n, a, _ in profile] == [(n, a) for n, a, _, _ in one.positions]
+    for (_, _, got), (n, a, _, want) in zip(profile, one.positions, strict=True):
+        assert got == pytest.approx(want, abs=1e-6), (n, a)
+
+
 @pytest.mark.slow
 def test_eval_py_under_torchrun_scores_as_one_process(ckpt, tmp_path):
     """eval.py launched by torchrun with context_parallel=2 (the command a user types)."""

@@ -75,6 +75,20 @@ def test_print_config_shows_the_resolved_command_line(capsys):
         (["checkpoints=[a]", "data.sorce=text_dir"], "did you mean data.source"),
         (["context_lengths=[8]"], "checkpoints and context_lengths must be non-empty"),
         (["checkpoints=[a]", "context_lengths=[64]", "max_tokens_per_document=8"], "at least"),
+        (
+            ["checkpoints=[a]", "context_parallel_layout=zigzag"],
+            r"context_parallel_layout='zigzag' is not one of \('contiguous', 'balanced'\)",
+        ),
+        (
+            [
+                "checkpoints=[a]",
+                "context_lengths=[16,6,8]",
+                "context_parallel=2",
+                "context_parallel_layout=balanced",
+            ],
+            r"context lengths \[6\] must be multiples of 2 x context_parallel=2 for "
+            "context_parallel_layout=balanced",
+        ),
     ],
 )
 def test_eval_config_errors(argv, message):

@@ -306,12 +306,13 @@ def train_rank(rank, world, args) -> None:
     train(args)
 
 
-def eval_with_oom(rank, world, ckpt, out_dirs):
-    """eval.py's work on 2 ranks, once per failing rank (``out_dirs[i]``: rank i fails), in one
-    group: the second run also shows the group still aligned after the first. The failing
-    rank runs out of memory in the feed-forward of the first layer at length 16 (slices of 8),
-    after that layer's exchange and before the second's: the other rank is then already on
-    its way into the next exchange."""
+def eval_with_oom(rank, world, ckpt, runs):
+    """eval.py's work on 2 ranks, once per ``(layout, failing rank, out_dir)`` of ``runs``, in
+    one group: the later runs also show the group still aligned after the earlier ones. The
+    failing rank runs out of memory in the feed-forward of the first layer at length 16
+    (slices of 8: one piece of 8, or two of 4 in the balanced layout), after that layer's
+    exchange and before the second's: the other rank is then already on its way into the next
+    exchange, and the failing one must issue the exchanges of its layout that it owes."""
     import models.transformer as T
     from pipeline.evaluation import evaluate
 
@@ -324,12 +325,13 @@ def eval_with_oom(rank, world, ckpt, out_dirs):
         return original(self, x)
 
     T.FeedForward.forward = forward
-    for failing_rank, out_dir in enumerate(out_dirs):
+    for layout, failing_rank, out_dir in runs:
         failing["rank"] = failing_rank
         args = [f"checkpoints=[{ckpt}]", "context_lengths=[16,64]", "split=val", "suffix=8",
-                f"out_dir={out_dir}", "context_parallel=2", "span_windows=0"]  # fmt: skip
+                f"out_dir={out_dir}", "context_parallel=2", "span_windows=0",
+                f"context_parallel_layout={layout}"]  # fmt: skip
         (result,) = evaluate(args)
-        at, where = result.lengths, f"rank {failing_rank} failing"
+        at, where = result.lengths, f"{layout}, rank {failing_rank} failing"
         assert at[16].ppl is None and at[16].reason == "not reached: out of memory", (where, at)
         assert at[64].ppl is not None and at[64].tokens > 0, (where, at[64])  # went on, aligned
         assert (
