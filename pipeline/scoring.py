@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data.config import DataConfig
 from data.corpus import Split, prepare
@@ -354,7 +355,13 @@ def measure(model, split, docs, length, batch_tokens, device, cap=None, bar=None
 def _run(model, rows, out: Measured, length: int, device, bar) -> None:
     """Adds one batch of equal-size windows to ``out``."""
     batch = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)  # (W, S)
-    values = model_nll(model, batch).cpu()  # (W, S-1)
+    short = batch.shape[1] - 1
+    if model.group is not None and short < length:
+        # split windows must be the context length (the ranks' slices, the layout's pieces):
+        # a shorter one (strided's last, a short document) is padded at its end, which a
+        # causal model's earlier positions never see, and the padding's NLL dropped
+        batch = F.pad(batch, (0, length - short), value=int(batch[0, -1]))  # (W, L + 1)
+    values = model_nll(model, batch).cpu()[:, :short]  # (W, S-1)
     skip = torch.tensor([r[2] for r in rows])[:, None]
     keep = (torch.arange(values.shape[1])[None, :] >= skip).double()  # (W, S-1) scored
     nbytes = torch.from_numpy(np.stack([r[1] for r in rows]))

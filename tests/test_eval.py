@@ -295,6 +295,18 @@ def test_balanced_layout_scores_the_same(ckpt, tmp_path):
         assert got == pytest.approx(want, abs=1e-6), (n, a)
 
 
+def test_short_strided_windows_split_across_processes(ckpt, tmp_path):
+    """window=strided ends each document with a shorter window; split across 2 processes it
+    is padded to the context length (causal: no earlier position sees the padding) and scores
+    as in one process, instead of slices that no longer fit the layout."""
+    args = [f"checkpoints=[{ckpt}]", *SPLIT_ARGS, "window=strided", "stride=12"]
+    one = run([*args, f"out_dir={tmp_path / 'one'}"])[0]
+    two = [*args, f"out_dir={tmp_path / 'two'}", "context_parallel=2",
+           "context_parallel_layout=balanced"]  # fmt: skip
+    spawn(evaluate_rank, 2, two, timeout=120, init=False)
+    assert_same_scores(one, tmp_path / "two")
+
+
 @pytest.mark.slow
 def test_eval_py_under_torchrun_scores_as_one_process(ckpt, tmp_path):
     """eval.py launched by torchrun with context_parallel=2 (the command a user types)."""
