@@ -13,8 +13,8 @@ and received in the call's exchanges (counted at the collectives), against the f
 ``2 * B * H * D * (w' - l) / r`` elements received per pair by the last rank of a segment
 (forward; the backward sends as much back). Beside it: what dense ring attention would move
 for the same N and P (every rank receives the keys and values of every other rank). Writes
-experiments/results/context_parallel/context_parallel.{csv,json,png} and prints a markdown
-table and the projection to the paper's setting.
+experiments/results/context_parallel/context_parallel{,_extended}.{csv,json,png} (or
+``--name``) and prints a markdown table and the projection to the paper's setting.
 """
 
 from __future__ import annotations
@@ -213,6 +213,8 @@ def parse_args(argv=None):
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="split among processes")
     p.add_argument("--schedule", choices=["paper", "extended"], default="paper")
     p.add_argument("--out", type=Path, default=RESULTS / NAME)
+    p.add_argument("--name", help="file stem (default: context_parallel, _extended for that "
+                   "schedule)")  # fmt: skip
     args = p.parse_args(argv)
     for world in args.worlds:
         bad = [n for n in args.sizes if n % world]
@@ -284,13 +286,14 @@ def main(argv=None) -> None:
           f"{args.schedule} schedule (at the longest N: w={w} r={r}) causal fp32",
           flush=True)  # fmt: skip
     rows = [row for world in args.worlds for row in run_world(world, args)]
-    write_results(args.out / f"{NAME}.json", rows)
-    write_results(args.out / f"{NAME}.csv", rows, sorted({k for r in rows for k in r}))
-    plot(rows, args.out / f"{NAME}.png", args.schedule)
+    name = args.name or (NAME if args.schedule == "paper" else f"{NAME}_{args.schedule}")
+    write_results(args.out / f"{name}.json", rows)
+    write_results(args.out / f"{name}.csv", rows, sorted({k for r in rows for k in r}))
+    plot(rows, args.out / f"{name}.png", args.schedule)
     print(table(rows, args.schedule))
     print("\nprojection, 1B tokens (formula, bf16, per GPU and layer, forward):")
     print(projection())
-    print(f"wrote {args.out}/{NAME}.{{csv,json,png}}")
+    print(f"wrote {args.out}/{name}.{{csv,json,png}}")
 
 
 if __name__ == "__main__":
