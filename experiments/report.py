@@ -27,7 +27,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 K = 1024
-EARLIER = "file from an earlier version of the script; to be re-measured"
 
 
 class ReportError(ValueError):
@@ -257,24 +256,23 @@ def _context_parallel(results_dir, files, schedule, command, note=None) -> str:
 
 @table("context_parallel")
 def context_parallel(results_dir: Path) -> str:
-    return _context_parallel(results_dir, ["context_parallel/seqpar.csv"], "paper",
-                             "python -m experiments.bench.context_parallel", EARLIER)  # fmt: skip
+    return _context_parallel(results_dir, ["context_parallel/context_parallel.csv"], "paper",
+                             "make context-parallel")  # fmt: skip
 
 
 @table("context_parallel_extended")
 def context_parallel_extended(results_dir: Path) -> str:
     return _context_parallel(
-        results_dir, ["context_parallel/seqpar_extended.csv"], "extended",
-        "python -m experiments.bench.context_parallel --schedule extended", EARLIER)  # fmt: skip
+        results_dir, ["context_parallel/context_parallel_extended.csv"], "extended",
+        "python -m experiments.bench.context_parallel --schedule extended")  # fmt: skip
 
 
 @table("context_parallel_longest")
 def context_parallel_longest(results_dir: Path) -> str:
-    command = ("python -m experiments.bench.context_parallel --worlds 1 --sizes 524288 786432 "
-               "--repeats 1 --max-backward 786432` and the same with `--worlds 4")  # fmt: skip
-    return _context_parallel(results_dir, ["context_parallel/seqpar_long_p1.csv",
-                                           "context_parallel/seqpar_long_p4.csv"], "paper", command,
-                             EARLIER)  # fmt: skip
+    command = ("python -m experiments.bench.context_parallel --worlds 1 4 --sizes 524288 786432 "
+               "--repeats 1 --max-backward 786432 --name context_parallel_longest")  # fmt: skip
+    return _context_parallel(results_dir, ["context_parallel/context_parallel_longest.csv"],
+                             "paper", command)  # fmt: skip
 
 
 @table("context_parallel_balance_pairs")
@@ -762,7 +760,7 @@ def headline(results_dir: Path) -> str:
     longseq = read_json_rows(results_dir / "long_sequence/longseq.json")
     steps = [r for r in longseq if r["status"] == "ok"]
     longest = max(steps, key=lambda r: (r["n"], -r["peak_mib"]))
-    ext = _context_parallel_rows(results_dir, ["context_parallel/seqpar_extended.csv"])
+    ext = _context_parallel_rows(results_dir, ["context_parallel/context_parallel_extended.csv"])
     p4 = [r for r in ext if r["P"] == 4 and r["status"] == "ok"]
     recv = [r["fwd_received"] / 2**20 for r in p4]
     recall = read_csv(results_dir / "long_range_tiny/recall.csv")
@@ -789,7 +787,7 @@ def headline(results_dir: Path) -> str:
         ["received per rank per forward, 4 processes, segments up to N, "
          f"{short(min(r['n'] for r in p4))}-{short(max(r['n'] for r in p4))}",
          f"{min(recv):.0f}-{max(recv):.0f} MiB",
-         "`experiments/results/context_parallel/seqpar_extended.csv`"],
+         "`experiments/results/context_parallel/context_parallel_extended.csv`"],
         ["`make demo` (LongNet 2 x 128, copying recipe): perplexity at 512 tokens of context "
          "against 64; training time on 2 cores",
          f"{100 * (demo_ppl[512] / demo_ppl[64] - 1):+.0f}%; "

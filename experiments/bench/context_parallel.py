@@ -201,6 +201,7 @@ def run_world(world: int, args) -> list[dict]:
             rows.append({"P": world, "n": n, "status": f"not reached: {err}"})
             break
         rows += json.loads(out.read_text())
+        out.unlink()  # rank 0's hand-over, not a result
     return rows
 
 
@@ -234,7 +235,8 @@ def table(rows: list[dict], schedule: str = "paper") -> str:
     cells = []
     for r in rows:
         if r["status"] != "ok":
-            cells.append([str(r["P"]), f"{r['n'] // K}K", r["status"][:40]] + ["-"] * 6)
+            status = r["status"].replace("terminated with signal SIGKILL", "killed (SIGKILL)")
+            cells.append([str(r["P"]), f"{r['n'] // K}K", status[:48]] + ["-"] * 6)
             continue
         formula = formula_received(r["n"], r["P"], schedule=schedule) * BYTES
         both = None if "fwdbwd_s" not in r else r["fwdbwd_sent"] + r["fwdbwd_received"]
