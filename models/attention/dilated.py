@@ -310,7 +310,7 @@ def _distributed_plan(q, k, v, pairs, causal, scale, backend, group) -> Plan:
     check_coverage(pairs, H, at.total)
     scale = _check_scale(scale, D)
     backend = resolve_backend(backend, q)
-    sources, calls = [(k, v)], []
+    sources, calls, reverse = [(k, v)], [], []
     for i, (w, r) in enumerate(pairs):
         span = distributed.spanning(w, r, at, causal)
         if span is None:  # segments inside this rank's slice: as on one device
@@ -318,10 +318,14 @@ def _distributed_plan(q, k, v, pairs, causal, scale, backend, group) -> Plan:
             continue
         # every rank exchanges for every spanning pair (even with nothing to send or receive),
         # so that the collectives, forward and backward, match across ranks
-        sources.append(distributed.exchange(k, v, span, at, group))
+        received, back = distributed.exchange(k, v, span, at, group)
+        sources.append(received)
+        if back is not None:
+            reverse.append((len(sources) - 1, back))
         calls += distributed.spanning_calls(span, at, B, H, len(sources) - 1, first=i == 0)
     covers_all = pairs[0][1] == 1
-    return plan(q, sources, calls, covers_all=covers_all, scale=scale, backend=backend)
+    return plan(q, sources, calls, covers_all=covers_all, scale=scale, backend=backend,
+                reverse=reverse)  # fmt: skip
 
 
 class DilatedAttention(nn.Module):

@@ -328,18 +328,53 @@ def drain(scope: ForwardScope, plan: list, group, dtype: torch.dtype, device) ->
 # the exchange
 
 
+class _Reverse:
+    """The backward's reverse exchange of one :class:`_Exchange`, launched early: the
+    attention backward calls :meth:`launch` with the received pieces' gradients as soon as
+    they are complete (before its calls on this rank's own keys), and the exchange's backward
+    only waits (:meth:`result`). Every rank launches every pair's reverse exchange at the same
+    point, in the plan's source order, so the messages match across ranks as before."""
+
+    def __init__(self, sends, receives, group, shape, dtype):
+        self.sends, self.receives, self.group = sends, receives, group
+        self.shape, self.dtype = shape, dtype  # of the received buffer (2, n_recv, B, R, H, D)
+        self.works: list | None = None
+
+    def launch(self, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        """``dk, dv (n_recv * B, R, H, D)``: the gradients of the received keys and values."""
+        grad = torch.stack([dk, dv]).to(self.dtype).view(self.shape)
+        self.works = []
+        self.back = _send_recv(grad, self.receives, self.sends, self.group, own=False,
+                               wait=False, into=self.works)  # fmt: skip
+        self.sent = grad  # alive until the wait
+
+    def result(self) -> torch.Tensor | None:
+        """What came back (``(2, n_send, B, R, H, D)``) once waited for, or None if the
+        attention backward did not launch it (the exchange's backward then does it all)."""
+        if self.works is None:
+            return None
+        start = time.perf_counter()
+        for work, _ in self.works:
+            work.wait()
+        EXCHANGE_WAIT_S[0] += time.perf_counter() - start
+        back, self.works, self.back, self.sent = self.back, None, None, None
+        return back
+
+
 class _Exchange(torch.autograd.Function):
     """Sends pieces of the pair's one ``buffer (2, n, B, R, H, D)`` (k and v of this rank's n
     pieces): ``sends`` lists ``(rank, piece place)``, each a message; receives ``(2, n_recv,
     B, R, H, D)``, one per ``(rank, piece place)`` of ``receives``, in that order. The forward
     does not wait (with :data:`OVERLAP`): the receives are left in ``mixing.IN_FLIGHT`` and the
     attention waits for them just before it reads them. The backward sends each received
-    piece's gradient back to its source and sums what comes back into the pieces sent
-    (blocking)."""
+    piece's gradient back to its source and sums what comes back into the pieces sent; with
+    :data:`OVERLAP` the attention backward has already launched that (``reverse``,
+    :class:`_Reverse`) before its calls on this rank's own keys, and this only waits."""
 
     @staticmethod
-    def forward(ctx, buffer, sends, receives, group):
+    def forward(ctx, buffer, sends, receives, group, reverse):
         ctx.messages, ctx.group, ctx.pieces = (sends, receives), group, buffer.shape[1]
+        ctx.reverse = reverse
         out = _send_recv(buffer, sends, receives, group, wait=not OVERLAP)
         scope = _SCOPES.get(_key(group))
         if scope is not None:  # (a recomputation in the backward counts too)
@@ -349,19 +384,22 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         sends, receives = ctx.messages
-        back = _send_recv(grad, receives, sends, ctx.group, own=False)  # (2, n_send, B, ...)
+        back = ctx.reverse.result()  # launched by the attention backward, or not
+        if back is None:
+            back = _send_recv(grad, receives, sends, ctx.group, own=False)  # (2, n_send, B, ...)
         out = grad.new_zeros((2, ctx.pieces, *grad.shape[2:]))
         for i, (_, place) in enumerate(sends):
             out[:, place] += back[:, i]
-        return out, None, None, None
+        return out, None, None, None, None
 
 
-def _send_recv(send, sends, receives, group, own=True, wait=True):
+def _send_recv(send, sends, receives, group, own=True, wait=True, into=None):
     """Point-to-point messages of k/v pieces: ``send (2, n, ...)``; message i of ``sends =
     [(rank, place)]`` is ``send[:, place]`` (``own=False``: ``send[:, i]``, the i-th received
     piece's gradient going back), two tensors (k, v), each a contiguous view of the one
     buffer: no copy per destination. Received into ``(2, len(receives), ...)``. All posted in
-    one ``batch_isend_irecv``; ``wait=False`` leaves the receives in ``mixing.IN_FLIGHT``.
+    one ``batch_isend_irecv``; ``wait=False`` leaves the receives in ``mixing.IN_FLIGHT`` (or
+    in the list ``into``).
 
     Only real messages are posted: a rank with nothing to send or receive posts nothing, and
     no zero-byte message ever exists (every message is a piece's kept rows, ceil(h/r) >= 1
@@ -395,7 +433,7 @@ def _send_recv(send, sends, receives, group, own=True, wait=True):
             work.wait()
         EXCHANGE_WAIT_S[0] += time.perf_counter() - start
     else:  # the sent tensors and the receive buffer live until the wait
-        mixing.IN_FLIGHT.extend((work, (ops, out)) for work in works)
+        (mixing.IN_FLIGHT if into is None else into).extend((work, (ops, out)) for work in works)
     EXCHANGE_BYTES["sent"] += len(sends) * 2 * shape.numel() * send.element_size()
     EXCHANGE_BYTES["received"] += out.numel() * out.element_size()
     return out
@@ -505,15 +543,19 @@ def pack(x: torch.Tensor, spans: list[Spanning], h: int) -> torch.Tensor:
 
 def exchange(k: torch.Tensor, v: torch.Tensor, spans: list[Spanning], at: RankSlice, group):
     """The received kept keys and values, each ``(n_recv * B, ceil(h/r), H, D)``: received
-    piece i's rows for batch row b are batch row ``i * B + b``."""
+    piece i's rows for batch row b are batch row ``i * B + b``; and the :class:`_Reverse` the
+    attention backward launches with their gradients (None without :data:`OVERLAP`)."""
     B, _, H, D = k.shape
     buffer = torch.stack([pack(k, spans, at.piece), pack(v, spans, at.piece)])  # (2,n,B,R,H,D)
     sends, receives = messages(spans, at)
-    got = _Exchange.apply(buffer, sends, receives, group)  # (2, n_recv, B, R, H, D)
-    _, n_recv, _, R, _, _ = got.shape
+    R = buffer.shape[3]
+    reverse = _Reverse(sends, receives, group, (2, len(receives), B, R, H, D), k.dtype)
+    got = _Exchange.apply(buffer, sends, receives, group, reverse)  # (2, n_recv, B, R, H, D)
+    n_recv = got.shape[1]
     # (n_recv, B, R, H, D) -> (n_recv * B, R, H, D), views (the data may still be arriving):
     # batch rows of received piece i follow each other
-    return got[0].view(n_recv * B, R, H, D), got[1].view(n_recv * B, R, H, D)
+    views = got[0].view(n_recv * B, R, H, D), got[1].view(n_recv * B, R, H, D)
+    return views, reverse if OVERLAP else None
 
 
 def spanning_calls(

@@ -149,6 +149,9 @@ class Plan:
     covers_all: bool
     scale: float
     backend: str
+    # (source, launcher) per received source whose gradient goes back to other ranks
+    # (context parallelism): mixed_backward launches it as soon as that gradient is complete
+    reverse: tuple = ()
 
     def with_tensors(self, q: torch.Tensor, kv) -> Plan:
         """The same plan over other tensors of the same layout (the autograd inputs)."""
@@ -166,7 +169,7 @@ class Plan:
         return [piece for call in self.calls for piece in chunked(call, CPU_CHUNK_ROWS)]
 
 
-def plan(q, sources, calls, *, covers_all: bool, scale: float, backend: str) -> Plan:
+def plan(q, sources, calls, *, covers_all: bool, scale: float, backend: str, reverse=()) -> Plan:
     """A :class:`Plan`; tensors whose batch rows or heads are not laid out as blocks expect
     are copied once (:func:`strided_ok`). Every (position, head) of q must be covered."""
     return Plan(
@@ -176,6 +179,7 @@ def plan(q, sources, calls, *, covers_all: bool, scale: float, backend: str) -> 
         covers_all,
         float(scale),
         backend,
+        tuple(reverse),
     )
 
 
@@ -260,7 +264,14 @@ def mixed_backward(p: Plan, dout, out, lse):
         ]
         for i, src in enumerate(p.sources)
     ]
-    for call in p.runs():
+    calls = p.runs()
+    if p.reverse:  # received sources' calls right after the first ones, then launch them back
+        order = lambda call: 0 if call.first else 1 if call.source > 0 else 2  # noqa: E731
+        calls = sorted(calls, key=order)  # stable: each group keeps its order
+    launch_at = sum(1 for call in calls if call.first or call.source > 0) if p.reverse else -1
+    for n, call in enumerate(calls):
+        if n == launch_at:
+            _launch_reverse(p, dkv)
         k, v = p.sources[call.source]
         views = [call.q.view(dout), call.q.view(q), call.kv.view(k), call.kv.view(v)]
         views += [call.q.view(out), call.q.view(lse)]
@@ -268,10 +279,19 @@ def mixed_backward(p: Plan, dout, out, lse):
         targets = [call.q.view(dq), *(call.kv.view(g) for g in dkv[call.source])]
         for target, part in zip(targets, parts, strict=True):
             target.copy_(part) if call.first else target.add_(part)
+    if launch_at >= len(calls):  # no call on this rank's own keys after them
+        _launch_reverse(p, dkv)
     return dq.to(q.dtype), [
         [g.to(x.dtype) for g, x in zip(gs, src, strict=True)]
         for gs, src in zip(dkv, p.sources, strict=True)
     ]
+
+
+def _launch_reverse(p: Plan, dkv) -> None:
+    """The received sources' gradients are complete: send them back now, in source order on
+    every rank, while the calls on this rank's own keys run (the exchange's backward waits)."""
+    for source, reverse in p.reverse:
+        reverse.launch(*dkv[source])
 
 
 class _MixedAttentionFn(torch.autograd.Function):

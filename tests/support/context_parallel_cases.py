@@ -284,6 +284,36 @@ def local_pairs_run_while_rows_travel(rank, world) -> None:
     assert first > 0 and events.count("wait") == 1, events
     if rank == 1:  # it reads rank 0's rows after the wait
         assert "kernel" in events[first:], events
+    reverse_launched_before_local_backward(rank)
+
+
+def reverse_launched_before_local_backward(rank) -> None:
+    """The backward: the received rows' gradients are sent back (launched, not waited) as soon
+    as they are complete, before the calls on this rank's own keys of the spanning pair; the
+    exchange's own backward then only waits. Rank 1 computes its received rows' gradients
+    first; rank 0 (which received nothing) launches its receive at once."""
+    from models.attention import distributed, mixing
+
+    events = []
+    backward, launch = mixing.attention_backward, distributed._Reverse.launch
+
+    def kernel(*args, **kwargs):
+        events.append("kernel")
+        return backward(*args, **kwargs)
+
+    def launching(self, dk, dv):
+        events.append(f"launch {dk.shape[0]}")
+        return launch(self, dk, dv)
+
+    mixing.attention_backward, distributed._Reverse.launch = kernel, launching
+    try:
+        q = torch.randn(1, 32, 4, 8, requires_grad=True)
+        dilated_attention(q, q, q, [8, 64], [1, 2], group=dist.group.WORLD).sum().backward()
+    finally:
+        mixing.attention_backward, distributed._Reverse.launch = backward, launch
+    launches = [i for i, e in enumerate(events) if e.startswith("launch")]
+    assert len(launches) == 1 and "kernel" in events[launches[0] :], events
+    assert events[launches[0]] == f"launch {rank}", events  # rank 1 received one piece
 
 
 def attention_checks(rank, world, cases, errors=None, models=False) -> None:
