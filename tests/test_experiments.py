@@ -93,6 +93,7 @@ def test_context_parallel_balance_micro(tmp_path, capsys, monkeypatch):
     assert [(r["P"], r["layout"]) for r in rows] == [(2, "contiguous"), (2, "balanced")]
     for r in rows:
         assert r["fwd_wait_s"] >= 0 and r["fwd_wait_in_flight_s"] >= 0
+        assert r["fwdbwd_wait_s"] >= 0 and r["fwdbwd_wait_in_flight_s"] >= 0  # the backward's too
         if r["fwd_wait_s"] > 0:
             assert r["hidden_fraction"] == pytest.approx(
                 1 - r["fwd_wait_in_flight_s"] / r["fwd_wait_s"]

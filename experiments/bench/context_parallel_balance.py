@@ -14,12 +14,13 @@ Timing (``balance_timing.csv``): B = 1, H = 12, D = 64, fp32, causal, N = 32K, P
 gloo sharing ``--cores`` cores. Per rank, from a common barrier: its wall time and its CPU time
 (``time.process_time``: the work it did, which stays meaningful when 8 processes share 2 cores
 and wall times do not) for the forward and forward+backward, medians of ``--repeats``. At
-``--overlap-worlds`` the forward runs alternately with the exchanges in flight during the local
-calls (the default) and waited for where they are issued (``distributed.OVERLAP = False``),
-and each rank's seconds blocked waiting for received rows in both: where the exchange is issued
-(waited), at the first call that reads them (in flight). Hidden fraction = 1 - blocked in
-flight / blocked waited (the slowest rank's), measured directly rather than as a difference of
-two forwards' times (which the noise of 2 shared cores swamps: last column).
+``--overlap-worlds`` the forward, then the forward+backward, run alternately with the exchanges
+in flight during the local calls (the default; the backward's reverse exchanges too) and waited
+for where they are issued (``distributed.OVERLAP = False``), and each rank's seconds blocked
+waiting for what it receives in both: where the exchange is issued (waited), where it is first
+needed (in flight). Hidden fraction = 1 - blocked in flight / blocked waited (the slowest
+rank's), measured directly rather than as a difference of two runs' times, which the noise of
+2 shared cores swamps (``saved_over_wait`` in the file).
 """
 
 from __future__ import annotations
@@ -117,29 +118,29 @@ def measure(rank: int, world: int, n: int, schedule: str, layout: str, repeats: 
         with torch.no_grad():
             dilated_attention(*qkv, w, r, group=group)
 
-    row = {}
-    if overlap:  # alternate, so that both see the same load
-        on, off = [], []
-        fwd()
-        for _ in range(repeats):
-            on.append(_per_rank(fwd, 1, False))
-            distributed.OVERLAP = False
-            off.append(_per_rank(fwd, 1, False))
-            distributed.OVERLAP = True
-        row["fwd_wall"], row["fwd_cpu"], row["fwd_wait_in_flight"] = (
-            median(x[i] for x in on) for i in (0, 1, 2)
-        )
-        row["fwd_wall_waited"] = median(x[0] for x in off)
-        row["fwd_wait"] = median(x[2] for x in off)
-    else:
-        row["fwd_wall"], row["fwd_cpu"], _ = _per_rank(fwd, repeats)
     leaves = [x.clone().requires_grad_() for x in qkv]
     grad = torch.randn(shape, generator=gen)
 
     def fwd_bwd():
         dilated_attention(*leaves, w, r, group=group).backward(grad)
 
-    row["fwdbwd_wall"], row["fwdbwd_cpu"], _ = _per_rank(fwd_bwd, repeats)
+    row = {}
+    for name, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
+        if not overlap:
+            row[f"{name}_wall"], row[f"{name}_cpu"], _ = _per_rank(fn, repeats)
+            continue
+        on, off = [], []  # alternately, so that both see the same load
+        fn()
+        for _ in range(repeats):
+            on.append(_per_rank(fn, 1, False))
+            distributed.OVERLAP = False
+            off.append(_per_rank(fn, 1, False))
+            distributed.OVERLAP = True
+        row[f"{name}_wall"], row[f"{name}_cpu"], row[f"{name}_wait_in_flight"] = (
+            median(x[i] for x in on) for i in (0, 1, 2)
+        )
+        row[f"{name}_wall_waited"] = median(x[0] for x in off)
+        row[f"{name}_wait"] = median(x[2] for x in off)
     return row
 
 
@@ -162,13 +163,14 @@ def combine(per_rank: list[dict], **key) -> dict:
         cpu = [r[f"{name}_cpu"] for r in per_rank]
         row[f"{name}_cpu_by_rank"] = " ".join(f"{c:.3f}" for c in cpu)
         row[f"{name}_cpu_max_over_mean"] = max(cpu) * len(cpu) / sum(cpu)
-    if "fwd_wall_waited" in per_rank[0]:
-        row["fwd_waited_s"] = max(r["fwd_wall_waited"] for r in per_rank)
-        row["fwd_wait_s"] = max(r["fwd_wait"] for r in per_rank)
-        row["fwd_wait_in_flight_s"] = max(r["fwd_wait_in_flight"] for r in per_rank)
-        row["hidden_fraction"] = (
-            1 - row["fwd_wait_in_flight_s"] / row["fwd_wait_s"] if row["fwd_wait_s"] > 0 else None
-        )
+    for name, hidden in (("fwd", "hidden_fraction"), ("fwdbwd", "fwdbwd_hidden_fraction")):
+        if f"{name}_wall_waited" not in per_rank[0]:
+            continue
+        row[f"{name}_waited_s"] = max(r[f"{name}_wall_waited"] for r in per_rank)
+        wait = row[f"{name}_wait_s"] = max(r[f"{name}_wait"] for r in per_rank)
+        left = row[f"{name}_wait_in_flight_s"] = max(r[f"{name}_wait_in_flight"] for r in per_rank)
+        row[hidden] = 1 - left / wait if wait > 0 else None
+    if "fwd_waited_s" in row:
         saved = row["fwd_waited_s"] - row["fwd_s"]
         row["saved_over_wait"] = saved / row["fwd_wait_s"] if row["fwd_wait_s"] > 0 else None
     return row
@@ -201,13 +203,17 @@ def brief(row: dict) -> str:
     if row.get("fwd_waited_s") is not None:
         text += (f"; waited {row['fwd_waited_s']:.3f} s (blocked {row['fwd_wait_s']:.3f} s,"
                  f" in flight {row['fwd_wait_in_flight_s']:.3f} s)")  # fmt: skip
+    if row.get("fwdbwd_waited_s") is not None:
+        text += (f"; fwd+bwd blocked {row['fwdbwd_wait_s']:.3f} s waited,"
+                 f" {row['fwdbwd_wait_in_flight_s']:.3f} s in flight")  # fmt: skip
     return text
 
 
 def timing_table(rows: list[dict]) -> str:
     header = ["schedule", "P", "layout", "fwd s (in flight)", "fwd s (waited)",
               "blocked s: waited / in flight", "hidden", "fwd CPU s by rank", "max/mean",
-              "fwd+bwd s", "fwd+bwd CPU s by rank", "max/mean"]  # fmt: skip
+              "fwd+bwd s", "fwd+bwd blocked s: waited / in flight (hidden)",
+              "fwd+bwd CPU s by rank", "max/mean"]  # fmt: skip
     cells = []
     for r in rows:
         waited = r.get("fwd_waited_s") not in (None, "")
@@ -220,10 +226,18 @@ def timing_table(rows: list[dict]) -> str:
              else f"{r['fwd_wait_s']:.3f} / -" if waited else "-"),
             f"{hidden:.0%}" if hidden not in (None, "") else "-",
             str(r["fwd_cpu_by_rank"]), f"{r['fwd_cpu_max_over_mean']:.2f}",
-            f"{r['fwdbwd_s']:.3f}", str(r["fwdbwd_cpu_by_rank"]),
+            f"{r['fwdbwd_s']:.3f}", _blocked_cell(r, "fwdbwd"), str(r["fwdbwd_cpu_by_rank"]),
             f"{r['fwdbwd_cpu_max_over_mean']:.2f}",
         ])  # fmt: skip
     return display.markdown_table(header, cells)
+
+
+def _blocked_cell(r: dict, name: str) -> str:
+    if r.get(f"{name}_wait_in_flight_s") in (None, ""):
+        return "-"
+    hidden = r.get(f"{name}_hidden_fraction")
+    hidden = "-" if hidden in (None, "") else f"{hidden:.0%}"
+    return f"{r[f'{name}_wait_s']:.3f} / {r[f'{name}_wait_in_flight_s']:.3f} ({hidden})"
 
 
 def parse_args(argv=None):
