@@ -360,7 +360,7 @@ def _run(model, rows, out: Measured, length: int, device, bar) -> None:
         # split windows must be the context length (the ranks' slices, the layout's pieces):
         # a shorter one (strided's last, a short document) is padded at its end, which a
         # causal model's earlier positions never see, and the padding's NLL dropped
-        batch = F.pad(batch, (0, length - short), value=int(batch[0, -1]))  # (W, L + 1)
+        batch = F.pad(batch, (0, length - short))  # (W, L + 1), any token: never seen
     values = model_nll(model, batch).cpu()[:, :short]  # (W, S-1)
     skip = torch.tensor([r[2] for r in rows])[:, None]
     keep = (torch.arange(values.shape[1])[None, :] >= skip).double()  # (W, S-1) scored
